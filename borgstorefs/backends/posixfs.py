@@ -1,0 +1,387 @@
+"""POSIX file system backend: ``file:///absolute/path``.
+
+Each item is a file named by its nested name below the base directory.
+Values are written to a temporary file in the target directory and renamed
+into place, so readers and crashes never see a partial value.
+
+Durability: with ``fsync=True`` (the default) `store` flushes the file and its
+directory to stable storage before it returns, as borgstore does. With
+``fsync=False`` a stored value survives a daemon crash but may be lost with
+the rest of the page cache if the machine loses power.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import unquote, urlsplit
+
+from ..errors import (
+    BackendAlreadyExists,
+    BackendDoesNotExist,
+    BackendError,
+    BackendURLInvalid,
+    DirectoryNotEmpty,
+    NoSpaceLeft,
+    ObjectAlreadyExists,
+    ObjectNotFound,
+    PermissionDenied,
+)
+from ..names import TMP_SUFFIX
+from ._base import COPY_CHUNK_SIZE, Backend, ItemInfo, SpaceInfo, StagedValue, validate_backend_name
+
+logger = logging.getLogger(__name__)
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def get_file_backend(url: str) -> PosixFS | None:
+    """Return a `PosixFS` for a ``file://`` URL, or None for other schemes."""
+    parts = urlsplit(url)
+    if parts.scheme != "file":
+        return None
+    if parts.netloc not in ("", "localhost"):
+        raise BackendURLInvalid(f"invalid file URL {url!r}: the host must be empty, as in file:///abs/path")
+    path = unquote(parts.path)
+    if not path.startswith("/"):
+        raise BackendURLInvalid(f"invalid file URL {url!r}: the path must be absolute, as in file:///abs/path")
+    return PosixFS(path)
+
+
+def temp_name_for(path: Path) -> Path:
+    """Return a fresh temporary file name beside *path* (see `names.TMP_NAME_EXTRA`)."""
+    return path.with_name(f"{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+@contextmanager
+def translate_os_errors(name: str) -> Iterator[None]:
+    """Turn an `OSError` about *name* into the matching `BackendError`."""
+    try:
+        yield
+    except OSError as err:
+        raise backend_error_for(err, name) from err
+
+
+def backend_error_for(err: OSError, name: str) -> BackendError:
+    """Return the `BackendError` that describes *err*, an error about *name*."""
+    if err.errno in (errno.ENOENT, errno.ENOTDIR):
+        return ObjectNotFound(name)
+    if err.errno == errno.EEXIST:
+        return ObjectAlreadyExists(name)
+    if err.errno == errno.ENOTEMPTY:
+        return DirectoryNotEmpty(name)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpaceLeft(f"no space left for {name!r}: {err.strerror}")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionDenied(f"permission denied for {name!r}: {err.strerror}")
+    return BackendError(f"{err.strerror or err} on {name!r}")
+
+
+def rename_noreplace(source: Path, target: Path) -> None:
+    """Rename *source* to *target* atomically unless *target* exists (`FileExistsError`)."""
+    result = _libc.renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE)
+    if result == 0:
+        return
+    code = ctypes.get_errno()
+    if code not in (errno.EINVAL, errno.ENOSYS):
+        raise OSError(code, os.strerror(code), str(source), None, str(target))
+    # The file system cannot rename without replacing: a hard link fails
+    # atomically if the target exists, and the unlink then drops the source.
+    os.link(source, target)
+    os.unlink(source)
+
+
+def fsync_directory(path: Path) -> None:
+    """Flush the directory entries of *path* to stable storage."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_file_data(source_fd: int, target_fd: int) -> None:
+    """Copy a whole file between descriptors inside the kernel, without passing through Python."""
+    size = os.fstat(source_fd).st_size
+    offset = 0
+    while offset < size:
+        try:
+            copied = os.copy_file_range(source_fd, target_fd, size - offset, offset, offset)
+        except OSError as err:
+            if err.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            copied = 0
+        if copied == 0:
+            break
+        offset += copied
+    while offset < size:
+        chunk = os.pread(source_fd, min(COPY_CHUNK_SIZE, size - offset), offset)
+        if not chunk:
+            break
+        offset += os.pwrite(target_fd, chunk, offset)
+
+
+class PosixStagedValue(StagedValue):
+    """A temporary file beside the target, written at offsets and renamed into place."""
+
+    def __init__(self, backend: PosixFS, target: Path, copy_from: Path | None) -> None:
+        self._backend = backend
+        self._temp_path = temp_name_for(target)
+        self._fd: int | None = os.open(self._temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        try:
+            if copy_from is not None:
+                source_fd = os.open(copy_from, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    copy_file_data(source_fd, self._fd)
+                finally:
+                    os.close(source_fd)
+        except BaseException:
+            self.discard()
+            raise
+
+    def _open_fd(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"staged value {self._temp_path} was already committed or discarded")
+        return self._fd
+
+    @property
+    def size(self) -> int:
+        return os.fstat(self._open_fd()).st_size
+
+    def write(self, offset: int, data: bytes) -> int:
+        with translate_os_errors(str(self._temp_path)):
+            return os.pwrite(self._open_fd(), data, offset)
+
+    def read(self, offset: int, size: int) -> bytes:
+        return os.pread(self._open_fd(), size, offset)
+
+    def truncate(self, size: int) -> None:
+        with translate_os_errors(str(self._temp_path)):
+            os.ftruncate(self._open_fd(), size)
+
+    def commit(self, name: str, *, mtime_ns: int | None = None, durable: bool = False) -> None:
+        fd = self._open_fd()
+        target = self._backend.path_of(name)
+        try:
+            with translate_os_errors(name):
+                if mtime_ns is not None:
+                    os.utime(fd, ns=(mtime_ns, mtime_ns))
+                if durable:
+                    os.fsync(fd)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self._temp_path, target)
+                if durable:
+                    fsync_directory(target.parent)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        if self._fd is None:
+            return
+        os.close(self._fd)
+        self._fd = None
+        # After a commit the temporary name is gone: it became the item.
+        self._temp_path.unlink(missing_ok=True)
+
+
+class PosixFS(Backend):
+    """Backend on a local (or locally mounted) POSIX file system.
+
+    Safe for use from several threads: every call works on its own file
+    descriptors and relies on the kernel's atomic rename.
+    """
+
+    precreate_dirs = True
+
+    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        super().__init__()
+        self.base = Path(path)
+        if not self.base.is_absolute():
+            raise BackendURLInvalid(f"the base path of a file backend must be absolute: {str(self.base)!r}")
+        self.fsync = fsync
+
+    def __repr__(self) -> str:
+        return f"PosixFS({str(self.base)!r})"
+
+    def path_of(self, name: str, *, base_allowed: bool = False) -> Path:
+        """Return the file system path of backend name *name*, after validating it."""
+        validate_backend_name(name, base_allowed=base_allowed)
+        return self.base / name if name else self.base
+
+    # Lifecycle
+
+    def create(self) -> None:
+        self._check_closed("create it")
+        if self.base.exists() and (not self.base.is_dir() or any(self.base.iterdir())):
+            raise BackendAlreadyExists(f"cannot create a store at {str(self.base)!r}: it exists and is not empty")
+        with translate_os_errors(str(self.base)):
+            self.base.mkdir(parents=True, exist_ok=True)
+        logger.info("created store directory %s", self.base)
+
+    def destroy(self) -> None:
+        self._check_closed("destroy it")
+        if not self.base.is_dir():
+            raise BackendDoesNotExist(f"no store at {str(self.base)!r}")
+        with translate_os_errors(str(self.base)):
+            shutil.rmtree(self.base)
+        logger.info("destroyed store directory %s", self.base)
+
+    def open(self) -> None:
+        self._check_closed("open it")
+        if not self.base.is_dir():
+            raise BackendDoesNotExist(f"no store at {str(self.base)!r}: create it first")
+        self.opened = True
+
+    def close(self) -> None:
+        self.opened = False
+
+    # Directories
+
+    def mkdir(self, name: str) -> None:
+        self._check_open()
+        path = self.path_of(name)
+        with translate_os_errors(name):
+            path.mkdir(parents=True, exist_ok=True)
+
+    def rmdir(self, name: str) -> None:
+        self._check_open()
+        path = self.path_of(name)
+        with translate_os_errors(name):
+            path.rmdir()
+
+    def list(self, name: str) -> Iterator[ItemInfo]:
+        self._check_open()
+        path = self.path_of(name, base_allowed=True)
+        with translate_os_errors(name), os.scandir(path) as entries:
+            infos = [self._entry_info(entry) for entry in entries if not entry.name.endswith(TMP_SUFFIX)]
+        infos.sort()
+        return iter(infos)
+
+    @staticmethod
+    def _entry_info(entry: os.DirEntry[str]) -> ItemInfo:
+        st = entry.stat(follow_symlinks=False)
+        directory = entry.is_dir(follow_symlinks=False)
+        return ItemInfo(entry.name, True, 0 if directory else st.st_size, directory, st.st_mtime_ns)
+
+    # Items
+
+    def info(self, name: str) -> ItemInfo:
+        self._check_open()
+        path = self.path_of(name, base_allowed=True)
+        try:
+            st = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return ItemInfo(path.name, False, 0, False)
+        except OSError as err:
+            raise backend_error_for(err, name) from err
+        directory = path.is_dir()
+        return ItemInfo(path.name, True, 0 if directory else st.st_size, directory, st.st_mtime_ns)
+
+    def load(self, name: str, *, size: int | None = None, offset: int = 0) -> bytes:
+        self._check_open()
+        path = self.path_of(name)
+        with translate_os_errors(name):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if offset < 0 or size is None:
+                    length = os.fstat(fd).st_size
+                    if offset < 0:
+                        offset = max(0, length + offset)
+                    if size is None:
+                        size = max(0, length - offset)
+                return read_exactly(fd, size, offset)
+            finally:
+                os.close(fd)
+
+    def store(self, name: str, value: bytes | BinaryIO) -> None:
+        self._check_open()
+        target = self.path_of(name)
+        temp_path = temp_name_for(target)
+        with translate_os_errors(name):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            try:
+                with os.fdopen(fd, "wb", closefd=False) as file:
+                    if isinstance(value, bytes | bytearray | memoryview):
+                        file.write(value)
+                    else:
+                        shutil.copyfileobj(value, file, COPY_CHUNK_SIZE)
+                if self.fsync:
+                    os.fsync(fd)
+                os.close(fd)
+                fd = -1
+                os.replace(temp_path, target)
+            except BaseException:
+                if fd >= 0:
+                    os.close(fd)
+                temp_path.unlink(missing_ok=True)
+                raise
+            if self.fsync:
+                fsync_directory(target.parent)
+
+    def delete(self, name: str) -> None:
+        self._check_open()
+        path = self.path_of(name)
+        with translate_os_errors(name):
+            path.unlink()
+
+    def move(self, curr_name: str, new_name: str, *, replace: bool = True) -> None:
+        self._check_open()
+        source = self.path_of(curr_name)
+        target = self.path_of(new_name)
+        with translate_os_errors(curr_name):
+            if not source.is_file():
+                raise ObjectNotFound(curr_name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+        with translate_os_errors(new_name):
+            if replace:
+                os.replace(source, target)
+            else:
+                rename_noreplace(source, target)
+
+    def set_mtime(self, name: str, mtime_ns: int) -> None:
+        self._check_open()
+        path = self.path_of(name)
+        with translate_os_errors(name):
+            os.utime(path, ns=(mtime_ns, mtime_ns))
+
+    def stage(self, name: str, *, copy_from: str | None = None) -> StagedValue:
+        self._check_open()
+        target = self.path_of(name)
+        source = self.path_of(copy_from) if copy_from is not None else None
+        with translate_os_errors(copy_from or name):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            return PosixStagedValue(self, target, source)
+
+    def space(self) -> SpaceInfo:
+        self._check_open()
+        with translate_os_errors(str(self.base)):
+            st = os.statvfs(self.base)
+        return SpaceInfo(st.f_blocks * st.f_frsize, st.f_bfree * st.f_frsize, st.f_bavail * st.f_frsize)
+
+
+def read_exactly(fd: int, size: int, offset: int) -> bytes:
+    """Read *size* bytes at *offset*, fewer only at the end of the file."""
+    first = os.pread(fd, size, offset)
+    if len(first) == size or not first:
+        return first
+    chunks = [first]
+    done = len(first)
+    while done < size:
+        chunk = os.pread(fd, size - done, offset + done)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        done += len(chunk)
+    return b"".join(chunks)

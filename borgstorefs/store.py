@@ -1,0 +1,546 @@
+"""The key/value store: names, nesting and soft deletion on top of one backend.
+
+A `Store` turns ``namespace/key`` names into nested backend names according
+to a per-namespace levels configuration, soft-deletes by renaming an item to
+``<name>.del``, lists namespaces recursively through the nesting, and counts
+calls, bytes and time per operation.
+
+Thread safety: a `Store` may be used from several threads at once. It keeps
+no per-item state; its counters are guarded by a lock, and the backend is
+thread-safe by contract.
+
+Latency and bandwidth emulation, for tests and benchmarks: the environment
+variables ``BORGSTOREFS_LATENCY_MS`` (added to every backend request, in
+milliseconds) and ``BORGSTOREFS_BANDWIDTH_MIBPS`` (a cap on bytes loaded and
+stored, in MiB per second) make a local backend behave like a remote one.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import chain
+from typing import BinaryIO, ParamSpec, TypeVar
+
+from .backends import Backend, ItemInfo, PosixFS, SpaceInfo, StagedValue, get_backend, redact_url
+from .errors import (
+    BackendAlreadyExists,
+    BackendDoesNotExist,
+    BackendError,
+    BackendMustBeOpen,
+    BackendMustNotBeOpen,
+    BackendUnavailable,
+    BackendURLInvalid,
+    DirectoryNotEmpty,
+    NoBackendGiven,
+    NoSpaceLeft,
+    ObjectAlreadyExists,
+    ObjectNotFound,
+    PermissionDenied,
+)
+from .names import DEL_SUFFIX, MAX_KEY_LENGTH, ROOTNS, TMP_SUFFIX, split_name, validate_namespace
+from .nesting import (
+    DEFAULT_LEVELS,
+    MAX_LEVEL,
+    Levels,
+    LevelsConfig,
+    fits_level,
+    is_nesting_dir,
+    nest,
+    nesting_dirs,
+    parse_levels_config,
+)
+
+__all__ = [
+    "DEL_SUFFIX",
+    "MAX_KEY_LENGTH",
+    "ROOTNS",
+    "TMP_SUFFIX",
+    "Backend",
+    "BackendAlreadyExists",
+    "BackendDoesNotExist",
+    "BackendError",
+    "BackendMustBeOpen",
+    "BackendMustNotBeOpen",
+    "BackendURLInvalid",
+    "BackendUnavailable",
+    "DirectoryNotEmpty",
+    "ItemInfo",
+    "NoBackendGiven",
+    "NoSpaceLeft",
+    "ObjectAlreadyExists",
+    "ObjectNotFound",
+    "PermissionDenied",
+    "PosixFS",
+    "SpaceInfo",
+    "StagedItem",
+    "Store",
+]
+
+logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+STATS_OPERATIONS = ("info", "load", "store", "delete", "move", "list")
+
+
+class StagedItem:
+    """A value being written to a store, invisible until `commit` (see `Store.stage`).
+
+    Not thread-safe: the owner serializes calls. `commit` looks the target up
+    when it runs, so an item renamed while it was written lands under its new
+    name.
+    """
+
+    def __init__(self, store: Store, name: str, staged: StagedValue) -> None:
+        self.name = name
+        self._store = store
+        self._staged = staged
+
+    @property
+    def size(self) -> int:
+        """Current size of the staged value in bytes."""
+        return self._staged.size
+
+    def write(self, offset: int, data: bytes) -> int:
+        """Write *data* at *offset*; a gap past the end reads as zeros."""
+        return self._staged.write(offset, data)
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Return up to *size* bytes from *offset* of the staged value."""
+        return self._staged.read(offset, size)
+
+    def truncate(self, size: int) -> None:
+        """Cut or zero-extend the staged value to *size* bytes."""
+        self._staged.truncate(size)
+
+    def commit(self, name: str | None = None, *, mtime_ns: int | None = None, durable: bool = False) -> None:
+        """Store the value as *name* (default: the name it was staged for), replacing any old value."""
+        target = name if name is not None else self.name
+        nested_name = self._store.find(target)
+        size = self._staged.size
+        with self._store._operation("store", f"commit({target!r})", size):
+            self._staged.commit(nested_name, mtime_ns=mtime_ns, durable=durable)
+
+    def discard(self) -> None:
+        """Drop the staged value; the stored item, if any, is unchanged."""
+        self._staged.discard()
+
+    def __enter__(self) -> StagedItem:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.discard()
+
+
+class Store:
+    """A key/value store on one backend, chosen by *url* or given as *backend*.
+
+    *levels* maps namespaces (``"data/"`` or ``"data"``) to the nesting
+    levels that may hold its items, such as ``{"config/": [0], "data/": [2]}``.
+    New items go to the last listed level; reads find an item at any listed
+    level. A namespace missing from *levels* uses the levels detected in the
+    store when it is opened, or `DEFAULT_LEVELS` (flat) if it has no items.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        backend: Backend | None = None,
+        levels: Mapping[str, Sequence[int]] | None = None,
+    ) -> None:
+        if backend is None:
+            if url is None:
+                raise NoBackendGiven("a Store needs a url or a backend")
+            backend = get_backend(url)
+        self.url = url
+        self.backend = backend
+        self.levels_config: LevelsConfig = parse_levels_config(levels)
+        self._detected_levels: LevelsConfig = {}
+        self._stats: Counter[str] = Counter()
+        self._stats_lock = threading.Lock()
+        self._latency = float(os.environ.get("BORGSTOREFS_LATENCY_MS", "0")) / 1000
+        self._bandwidth = float(os.environ.get("BORGSTOREFS_BANDWIDTH_MIBPS", "0")) * 1024 * 1024
+
+    def __repr__(self) -> str:
+        where = redact_url(self.url) if self.url else repr(self.backend)
+        return f"Store({where})"
+
+    # Lifecycle
+
+    def create(self) -> None:
+        """Create the backend's base location and, like borgstore, the configured nesting directories."""
+        self.backend.create()
+        if not self.backend.precreate_dirs:
+            return
+        with self.backend:
+            for namespace, levels in self.levels_config.items():
+                self._make_namespace_dirs(namespace, max(levels))
+
+    def _make_namespace_dirs(self, namespace: str, level: int) -> None:
+        if level == 0:
+            if namespace:
+                self.backend.mkdir(namespace)
+            return
+        # NOTE: borgstore makes all 2**(8*level) directories; past level 2
+        # (65,536) they are made on demand by `store` instead.
+        if level > 2:
+            self.backend.mkdir(namespace)
+            return
+        for directory in nesting_dirs(namespace, level):
+            self.backend.mkdir(directory)
+
+    def destroy(self) -> None:
+        """Remove the store and everything in it."""
+        self.backend.destroy()
+
+    def open(self) -> None:
+        """Open the backend and detect the levels of namespaces the configuration does not name."""
+        self.backend.open()
+        try:
+            self._detected_levels = self.detect_levels()
+        except BaseException:
+            self.backend.close()
+            raise
+        logger.info("opened %r", self)
+
+    def close(self) -> None:
+        """Close the backend; further operations raise `BackendMustBeOpen`."""
+        self.backend.close()
+        logger.info("closed %r", self)
+
+    def __enter__(self) -> Store:
+        self.open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # Levels
+
+    def levels_of(self, namespace: str) -> Levels:
+        """Return the nesting levels of *namespace*: configured, detected, or the default."""
+        return self.levels_config.get(namespace) or self._detected_levels.get(namespace) or DEFAULT_LEVELS
+
+    def detect_levels(self) -> LevelsConfig:
+        """Return the nesting levels that the existing namespaces use on the backend.
+
+        For each namespace, level 0 counts if the namespace directory holds
+        items directly, and the depth of its nesting directories counts along
+        the first branch that reaches an item (or the deepest, in an empty
+        store). A store that mixes other levels needs an explicit configuration.
+        """
+        detected: LevelsConfig = {}
+        for namespace in self.namespaces():
+            levels = self._detect_namespace_levels(namespace)
+            if levels:
+                detected[namespace] = levels
+        logger.debug("detected levels %s", detected)
+        return detected
+
+    def _detect_namespace_levels(self, namespace: str) -> Levels:
+        found: set[int] = set()
+        directory, depth = namespace, 0
+        while True:
+            entries = list(self.backend.list(directory))
+            if any(not entry.directory for entry in entries):
+                found.add(depth)
+            subdirs = [entry.name for entry in entries if entry.directory and is_nesting_dir(entry.name)]
+            if not subdirs or depth == MAX_LEVEL:
+                break
+            directory, depth = f"{directory}/{subdirs[0]}", depth + 1
+        if depth > 0:
+            found.add(depth)  # the depth of the nesting directories, even where they are still empty
+        return tuple(sorted(found))
+
+    # Namespaces
+
+    def namespaces(self) -> list[str]:
+        """Return the sorted namespaces present in the store (`ROOTNS` excluded)."""
+        return [entry.name for entry in self.backend.list("") if entry.directory]
+
+    def create_namespace(self, namespace: str, levels: Sequence[int] | None = None) -> None:
+        """Create *namespace* with *levels* (default: its configured or default levels)."""
+        validate_namespace(namespace)
+        if namespace == ROOTNS:
+            raise ValueError("the root namespace always exists")
+        if levels is not None:
+            self.levels_config.update(parse_levels_config({namespace: levels}))
+        self._make_namespace_dirs(namespace, max(self.levels_of(namespace)))
+
+    def remove_namespace(self, namespace: str) -> None:
+        """Remove an empty *namespace* and its nesting directories.
+
+        Raises `DirectoryNotEmpty` if it holds live or soft-deleted items.
+        """
+        validate_namespace(namespace)
+        if namespace == ROOTNS:
+            raise ValueError("the root namespace cannot be removed")
+        for deleted in (False, True):
+            for _ in self.list(namespace, deleted=deleted):
+                raise DirectoryNotEmpty(namespace)
+        self._remove_tree(namespace)
+        self.levels_config.pop(namespace, None)
+        self._detected_levels.pop(namespace, None)
+
+    def _remove_tree(self, directory: str) -> None:
+        for entry in self.backend.list(directory):
+            if not entry.directory:
+                raise DirectoryNotEmpty(directory)
+            self._remove_tree(f"{directory}/{entry.name}")
+        self.backend.rmdir(directory)
+
+    # Statistics
+
+    @contextmanager
+    def _operation(self, kind: str, description: str, volume: int = 0) -> Iterator[_Operation]:
+        """Count, time and log one backend operation, and emulate latency and bandwidth.
+
+        The caller may set the yielded record's ``volume`` once it knows it.
+        """
+        start = time.perf_counter_ns()
+        operation = _Operation(volume)
+        yield operation
+        volume = operation.volume
+        emulated = self._latency + (volume / self._bandwidth if self._bandwidth else 0.0)
+        if emulated:
+            remaining = emulated - (time.perf_counter_ns() - start) / 1e9
+            if remaining > 0:
+                time.sleep(remaining)
+        elapsed = time.perf_counter_ns() - start
+        with self._stats_lock:
+            self._stats[f"{kind}_calls"] += 1
+            self._stats[f"{kind}_time"] += elapsed
+            self._stats[f"{kind}_volume"] += volume
+        logger.debug("%s: %d bytes in %.1f ms", description, volume, elapsed / 1e6)
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Calls, time (seconds), volume (bytes) and throughput (bytes/second) per operation.
+
+        Only what passes the Store API counts: callers' own time, caching and
+        the cost of lists yielded to a slow consumer are not included.
+        """
+        with self._stats_lock:
+            raw = dict(self._stats)
+        result: dict[str, float] = {}
+        for kind in STATS_OPERATIONS:
+            seconds = raw.get(f"{kind}_time", 0) / 1e9
+            volume = raw.get(f"{kind}_volume", 0)
+            result[f"{kind}_calls"] = raw.get(f"{kind}_calls", 0)
+            result[f"{kind}_time"] = seconds
+            result[f"{kind}_volume"] = volume
+            result[f"{kind}_throughput"] = volume / seconds if seconds else 0.0
+        return result
+
+    # Items
+
+    def find(self, name: str, *, deleted: bool = False) -> str:
+        """Return the nested backend name of *name*.
+
+        An existing item is found at whichever configured level it is; a
+        missing one gets its name at the last level, where new items go.
+        Levels too deep for the key are skipped, and `ValueError` is raised if
+        the key is too short for the last level and exists nowhere else.
+        """
+        namespace, key = split_name(name)
+        levels = self.levels_of(namespace)
+        newest = levels[-1]
+        for level in (newest, *reversed(levels[:-1])):
+            if len(levels) == 1 or not fits_level(key, level):
+                continue
+            nested_name = nest(namespace, key, level, deleted=deleted)
+            if self.backend.info(nested_name).exists:
+                return nested_name
+        return nest(namespace, key, newest, deleted=deleted)
+
+    def info(self, name: str, *, deleted: bool = False) -> ItemInfo:
+        """Return an `ItemInfo` whose ``name`` is the key; ``exists=False`` if missing."""
+        with self._operation("info", f"info({name!r}, deleted={deleted})"):
+            info = self.backend.info(self.find(name, deleted=deleted))
+        return info._replace(name=split_name(name)[1])
+
+    def load(self, name: str, *, size: int | None = None, offset: int = 0, deleted: bool = False) -> bytes:
+        """Return *size* bytes (all if None) of the value from *offset*.
+
+        A negative *offset* counts from the end; past the end the available
+        bytes (possibly none) are returned. `ObjectNotFound` if missing.
+        """
+        if size is not None and size < 0:
+            raise ValueError(f"size must be None or >= 0, not {size}")
+        description = f"load({name!r}, offset={offset}, size={size}, deleted={deleted})"
+        with self._operation("load", description) as operation:
+            nested_name = self.find(name, deleted=deleted)
+            value = self._backend_call(name, self.backend.load, nested_name, size=size, offset=offset)
+            operation.volume = len(value)
+        return value
+
+    def store(self, name: str, value: bytes | BinaryIO) -> None:
+        """Store *value* (bytes, or a binary file object streamed to its end) as *name*.
+
+        Atomic: readers see the old value or the new one. An existing item
+        keeps its nesting level; a new one goes to the last level.
+        """
+        volume = len(value) if isinstance(value, bytes | bytearray | memoryview) else 0
+        with self._operation("store", f"store({name!r})", volume):
+            self.backend.store(self.find(name), value)
+
+    def stage(self, name: str, *, copy_existing: bool = False) -> StagedItem:
+        """Start writing a new value for *name* at offsets, invisible until committed.
+
+        With ``copy_existing=True`` the staged value starts as a copy of the
+        current value (`ObjectNotFound` if there is none); the backend copies
+        it without passing it through memory where it can.
+        """
+        nested_name = self.find(name)
+        copy_from = nested_name if copy_existing else None
+        staged = self._backend_call(name, self.backend.stage, nested_name, copy_from=copy_from)
+        return StagedItem(self, name, staged)
+
+    def set_mtime(self, name: str, mtime_ns: int, *, deleted: bool = False) -> None:
+        """Set the modification time of *name* in nanoseconds since the epoch."""
+        self._backend_call(name, self.backend.set_mtime, self.find(name, deleted=deleted), mtime_ns)
+
+    def delete(self, name: str, *, deleted: bool = False) -> None:
+        """Delete *name* for good (with ``deleted=True``: its soft-deleted copy).
+
+        See ``move(name, delete=True)`` for soft deletion.
+        """
+        with self._operation("delete", f"delete({name!r}, deleted={deleted})"):
+            self._backend_call(name, self.backend.delete, self.find(name, deleted=deleted))
+
+    def move(
+        self,
+        name: str,
+        new_name: str | None = None,
+        *,
+        delete: bool = False,
+        undelete: bool = False,
+        change_level: bool = False,
+        deleted: bool = False,
+        replace: bool = True,
+    ) -> None:
+        """Rename, soft-delete, undelete or re-nest an item; exactly one mode applies.
+
+        - ``delete=True``: rename *name* to its soft-deleted form, replacing
+          an older soft-deleted item of that name.
+        - ``undelete=True``: restore the soft-deleted *name*. An existing live
+          item is never replaced: `ObjectAlreadyExists` is raised instead.
+        - ``change_level=True``: move the item (soft-deleted with
+          ``deleted=True``) to the last configured level of its namespace.
+        - otherwise: rename *name* to *new_name* (both soft-deleted with
+          ``deleted=True``), replacing an existing *new_name* unless
+          ``replace=False``, which raises `ObjectAlreadyExists` instead.
+        """
+        modes = sum((delete, undelete, change_level))
+        if modes > 1 or (modes and new_name is not None):
+            raise ValueError(f"move of {name!r}: choose one of new_name, delete, undelete, change_level")
+        if delete:
+            source = self.find(name)
+            target = source + DEL_SUFFIX
+            description = f"soft-delete({name!r})"
+        elif undelete:
+            source = self.find(name, deleted=True)
+            target, replace = source.removesuffix(DEL_SUFFIX), False
+            if self.info(name).exists:
+                raise ObjectAlreadyExists(name, f"cannot undelete {name!r}: a live item with that name exists")
+            description = f"undelete({name!r})"
+        elif change_level:
+            namespace, key = split_name(name)
+            source = self.find(name, deleted=deleted)
+            target = nest(namespace, key, self.levels_of(namespace)[-1], deleted=deleted)
+            if source == target:
+                return
+            description = f"change-level({name!r}, deleted={deleted})"
+        else:
+            if new_name is None:
+                raise ValueError(f"move of {name!r} needs new_name, delete, undelete or change_level")
+            source, target = self.find(name, deleted=deleted), self.find(new_name, deleted=deleted)
+            description = f"rename({name!r}, {new_name!r}, deleted={deleted})"
+        with self._operation("move", description):
+            self._backend_call(name, self.backend.move, source, target, replace=replace)
+
+    def list(self, namespace: str, *, deleted: bool = False) -> Iterator[ItemInfo]:
+        """Yield the items of *namespace* sorted by key, through all nesting levels.
+
+        ``name`` of each `ItemInfo` is the key. ``deleted=False`` yields live
+        items only, ``deleted=True`` soft-deleted items only, with the suffix
+        removed. Nesting directories never appear. Raises `ObjectNotFound`
+        (on the first `next`) if the namespace does not exist.
+        """
+        validate_namespace(namespace)
+        if not self.backend.opened:
+            raise BackendMustBeOpen(f"{self!r} must be opened first")
+        return self._list_counted(namespace, deleted)
+
+    def _list_counted(self, namespace: str, deleted: bool) -> Iterator[ItemInfo]:
+        start = time.perf_counter_ns()
+        count = 0
+        for info in self._list_directory(namespace, 0, max(self.levels_of(namespace)), deleted):
+            count += 1
+            yield info
+        elapsed = time.perf_counter_ns() - start
+        with self._stats_lock:
+            self._stats["list_calls"] += 1
+            self._stats["list_time"] += elapsed
+        logger.debug("list(%r, deleted=%s): %d items in %.1f ms", namespace, deleted, count, elapsed / 1e6)
+
+    def _list_directory(self, directory: str, depth: int, max_depth: int, deleted: bool) -> Iterator[ItemInfo]:
+        if self._latency:
+            time.sleep(self._latency)
+        entries = list(self.backend.list(directory))
+        items = (_listed_item(entry, deleted) for entry in entries if not entry.directory)
+        here = (item for item in items if item is not None)
+        if depth >= max_depth:
+            yield from here
+            return
+        prefix = f"{directory}/" if directory else ""
+        below = chain.from_iterable(
+            self._list_directory(prefix + entry.name, depth + 1, max_depth, deleted)
+            for entry in entries
+            if entry.directory and is_nesting_dir(entry.name)
+        )
+        # Keys in this directory and keys in nesting directories below it
+        # interleave when a namespace mixes levels; both streams are sorted.
+        yield from heapq.merge(here, below, key=lambda info: info.name)
+
+    # Backend facts
+
+    def space(self) -> SpaceInfo | None:
+        """Return the backend's capacity, or None if it cannot tell."""
+        return self.backend.space()
+
+    # Helpers
+
+    @staticmethod
+    def _backend_call(name: str, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Call *function*, and name the item the caller asked for in an `ObjectNotFound`."""
+        try:
+            return function(*args, **kwargs)
+        except ObjectNotFound as err:
+            if err.name == name:
+                raise
+            raise ObjectNotFound(name) from err
+        except ObjectAlreadyExists as err:
+            raise ObjectAlreadyExists(name, f"cannot move {name!r}: the target exists") from err
+
+
+@dataclass
+class _Operation:
+    volume: int
+
+
+def _listed_item(entry: ItemInfo, deleted: bool) -> ItemInfo | None:
+    """Return the listing entry of a backend file, or None if *deleted* excludes it."""
+    is_deleted = entry.name.endswith(DEL_SUFFIX)
+    if is_deleted != deleted:
+        return None
+    return entry._replace(name=entry.name.removesuffix(DEL_SUFFIX)) if is_deleted else entry
