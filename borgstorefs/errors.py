@@ -43,7 +43,7 @@ class BackendUnavailable(BackendError):
 class ObjectNotFound(BackendError):
     """The item, or the directory an operation needs, does not exist.
 
-    `name` is the name the caller used, so messages say what was missing.
+    `name` is the name the caller used, so that messages name what was missing.
     """
 
     def __init__(self, name: str, message: str | None = None) -> None:
@@ -73,3 +73,11 @@ class NoSpaceLeft(BackendError):
 
 class PermissionDenied(BackendError):
     """The backend refused access to an item or directory."""
+
+
+class HostKeyUnknown(BackendError):
+    """The SSH server's host key is in no known_hosts file; the user must check and trust it first."""
+
+
+class HostKeyChanged(BackendError):
+    """The SSH server's host key differs from the one in known_hosts: an attack or a reinstalled server."""

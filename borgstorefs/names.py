@@ -24,16 +24,16 @@ DEL_SUFFIX = ".del"
 """Suffix of a soft-deleted item, as in the borgstore layout."""
 
 TMP_SUFFIX = ".tmp"
-"""Suffix of a temporary file that holds a value while it is written."""
+"""Suffix of a temporary file that contains a value while it is written."""
 
 TMP_NAME_EXTRA = 13
 """Characters a backend adds to a key for its temporary file: ``.`` + 8 random hex + ``.tmp``."""
 
 MAX_COMPONENT_BYTES = 255
-"""Longest file name component of Linux file systems (ext4, xfs, btrfs) and of OpenSSH's sftp."""
+"""Maximum length in bytes of a file name component on Linux file systems (ext4, xfs, btrfs) and of OpenSSH's sftp."""
 
 MAX_KEY_LENGTH = 240
-"""Longest key or namespace, in characters.
+"""Maximum length of a key or namespace, in characters.
 
 The key is the last path component on disk. The longest component a backend
 makes from it is the temporary file (``key`` + `TMP_NAME_EXTRA` characters),

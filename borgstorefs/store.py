@@ -9,10 +9,10 @@ Thread safety: a `Store` may be used from several threads at once. It keeps
 no per-item state; its counters are guarded by a lock, and the backend is
 thread-safe by contract.
 
-Latency and bandwidth emulation, for tests and benchmarks: the environment
-variables ``BORGSTOREFS_LATENCY_MS`` (added to every backend request, in
-milliseconds) and ``BORGSTOREFS_BANDWIDTH_MIBPS`` (a cap on bytes loaded and
-stored, in MiB per second) make a local backend behave like a remote one.
+Two environment variables make a local backend behave like a remote one in
+tests and benchmarks. ``BORGSTOREFS_LATENCY_MS`` adds that many milliseconds
+to every backend request. ``BORGSTOREFS_BANDWIDTH_MIBPS`` caps the bytes
+loaded and stored, in MiB per second.
 """
 
 from __future__ import annotations
@@ -224,6 +224,11 @@ class Store:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    @property
+    def mtime_resolution_ns(self) -> int:
+        """Granularity of the modification times the backend keeps, in nanoseconds."""
+        return self.backend.mtime_resolution_ns
+
     # Levels
 
     def levels_of(self, namespace: str) -> Levels:
@@ -233,7 +238,7 @@ class Store:
     def detect_levels(self) -> LevelsConfig:
         """Return the nesting levels that the existing namespaces use on the backend.
 
-        For each namespace, level 0 counts if the namespace directory holds
+        For each namespace, level 0 counts if the namespace directory contains
         items directly, and the depth of its nesting directories counts along
         the first branch that reaches an item (or the deepest, in an empty
         store). A store that mixes other levels needs an explicit configuration.
@@ -279,7 +284,7 @@ class Store:
     def remove_namespace(self, namespace: str) -> None:
         """Remove an empty *namespace* and its nesting directories.
 
-        Raises `DirectoryNotEmpty` if it holds live or soft-deleted items.
+        Raises `DirectoryNotEmpty` if it contains live or soft-deleted items.
         """
         validate_namespace(namespace)
         if namespace == ROOTNS:
@@ -304,7 +309,7 @@ class Store:
     def _operation(self, kind: str, description: str, volume: int = 0) -> Iterator[_Operation]:
         """Count, time and log one backend operation, and emulate latency and bandwidth.
 
-        The caller may set the yielded record's ``volume`` once it knows it.
+        The caller sets the yielded record's ``volume`` when the size is known only afterwards.
         """
         start = time.perf_counter_ns()
         operation = _Operation(volume)
@@ -397,8 +402,8 @@ class Store:
         """Start writing a new value for *name* at offsets, invisible until committed.
 
         With ``copy_existing=True`` the staged value starts as a copy of the
-        current value (`ObjectNotFound` if there is none); the backend copies
-        it without passing it through memory where it can.
+        current value, or raises `ObjectNotFound` if there is none. Backends
+        that can copy on the server side do so, without passing the value through memory.
         """
         nested_name = self.find(name)
         copy_from = nested_name if copy_existing else None

@@ -1,4 +1,4 @@
-"""The backend contract: what a `Store` needs from a place that holds files.
+"""The backend contract: the operations a `Store` needs from a place that stores files.
 
 A backend maps *nested names* (``data/01/23/0123abcd``, already nested by the
 store) to values. It knows nothing of namespaces, levels or soft deletion, but
@@ -28,7 +28,7 @@ COPY_CHUNK_SIZE = 4 * 1024 * 1024
 
 
 class ItemInfo(NamedTuple):
-    """What a backend or store reports about one name.
+    """Facts a backend or store reports about one name.
 
     ``name`` is the last path component (backends) or the key (`Store.list`),
     ``size`` is in bytes and ``mtime_ns`` is the modification time in
