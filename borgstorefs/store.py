@@ -195,8 +195,7 @@ class Store:
         if level > 2:
             self.backend.mkdir(namespace)
             return
-        for directory in nesting_dirs(namespace, level):
-            self.backend.mkdir(directory)
+        self.backend.mkdirs(nesting_dirs(namespace, level))
 
     def destroy(self) -> None:
         """Remove the store and everything in it."""

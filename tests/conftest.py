@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-BACKEND_KINDS = ["posixfs"]
+from .sshd import sshd  # noqa: F401 (registers the session-scoped fixture that make_url requests)
+
+BACKEND_KINDS = ["posixfs", "sftp"]
 """Backends every contract and store test runs against."""
 
 _counter = itertools.count()
@@ -24,10 +26,14 @@ def backend_kind(request: pytest.FixtureRequest) -> str:
 def make_url(backend_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Callable[[], str]:
     """Return a function that gives a fresh, not yet created store URL on the backend under test."""
 
+    server = request.getfixturevalue("sshd") if backend_kind == "sftp" else None
+
     def make() -> str:
         name = f"store{next(_counter)}"
         if backend_kind == "posixfs":
             return f"file://{tmp_path}/{name}"
+        if server is not None:
+            return str(server.url(tmp_path / name))
         raise AssertionError(f"unknown backend kind {backend_kind!r}")
 
     return make

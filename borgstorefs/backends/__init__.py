@@ -21,6 +21,7 @@ def get_backend(url: str) -> Backend:
     if not isinstance(url, str):
         raise TypeError(f"store URL must be str, not {type(url).__name__}: {url!r}")
     scheme = urlsplit(url).scheme
+    backend: Backend | None
     if scheme == "file":
         backend = get_file_backend(url)
     elif scheme == "sftp":

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import BinaryIO, NamedTuple
 
 from ..errors import BackendMustBeOpen, BackendMustNotBeOpen
@@ -223,6 +223,11 @@ class Backend(ABC):
     @abstractmethod
     def mkdir(self, name: str) -> None:
         """Create directory *name* and missing parents; an existing directory is fine."""
+
+    def mkdirs(self, names: Iterable[str]) -> None:
+        """Create every directory in *names*, as `mkdir` does; backends may batch the requests."""
+        for name in names:
+            self.mkdir(name)
 
     @abstractmethod
     def rmdir(self, name: str) -> None:
