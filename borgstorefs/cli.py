@@ -1,7 +1,7 @@
 """The ``borgstorefs`` command: subcommands, logging setup and exit codes.
 
 Each subcommand lives in the module of its concept and registers itself in
-`build_parser`; this module only dispatches and turns errors into one-line
+`build_parser`. This module only dispatches, and turns errors into one-line
 messages with a non-zero exit status.
 """
 
@@ -49,7 +49,11 @@ def add_levels_option(parser: argparse.ArgumentParser, help_text: str) -> None:
 
 def configure_logging(verbose: int, debug: bool) -> None:
     """Send log records to stderr: WARNING by default, INFO with -v, DEBUG with --debug or -vv."""
-    level = logging.DEBUG if debug or verbose > 1 else logging.INFO if verbose else logging.WARNING
+    level = logging.WARNING
+    if verbose == 1:
+        level = logging.INFO
+    if debug or verbose > 1:
+        level = logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
@@ -87,7 +91,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.destroy:
         answer = "DESTROY"
     else:
-        answer = input("\nType DESTROY to remove the demo store, anything else to keep it: ") if sys.stdin.isatty() else ""
+        answer = ""
+        if sys.stdin.isatty():
+            answer = input("\nType DESTROY to remove the demo store, anything else to keep it: ")
     if answer == "DESTROY":
         store.destroy()
         print("Store destroyed.")
@@ -129,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def subcommand_registrars() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
     """Return the functions that add the subcommands of other modules."""
-    return []
+    from .mount import add_parser as add_mount_parsers  # mount imports this module
+    from .mstore_cli import add_parser as add_mstore_parsers
+
+    return [add_mount_parsers, add_mstore_parsers]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

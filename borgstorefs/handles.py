@@ -1,0 +1,482 @@
+"""Open files: read-ahead windows per handle and staged writes per inode.
+
+Reading a file without uncommitted writes becomes partial loads (`Store.load` with
+offset and size). Each handle keeps one window of the value in memory; a read
+that continues where the previous one ended doubles the next window, from
+`READ_WINDOW_MIN` up to `READ_WINDOW_MAX`, so a sequential reader of a large
+file makes few round trips and most kernel read requests are answered from
+memory without a thread hand-off. A read elsewhere loads only what it asks for.
+
+Writing goes to a `FileState` shared by every handle of the inode. Writes are
+collected in a memory buffer of up to `WRITE_BUFFER_MAX` bytes (contiguous
+writes only) and then written to a `StagedItem`, which the backend keeps in a
+temporary object. The staged value starts as a copy of the stored value, made
+by the backend without passing through memory, unless the file is new or was
+truncated to zero. `commit` makes it the stored value in one atomic step, so
+the store never shows a partial value. While a file is dirty (written and not
+yet committed), every read and ``stat`` of it sees the staged data.
+
+No pyfuse3 here: the file system model drives these classes and the adapter
+turns their results into replies.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable
+from typing import NewType
+
+import trio
+
+from .errnos import FSError
+from .errors import ObjectNotFound
+from .inodes import Node, NodeKind
+from .store import ItemInfo, StagedItem, Store
+from .workers import StoreRunner
+
+__all__ = [
+    "READ_WINDOW_MAX",
+    "READ_WINDOW_MIN",
+    "WRITE_BUFFER_MAX",
+    "FileHandle",
+    "FileHandleNo",
+    "FileState",
+]
+
+logger = logging.getLogger(__name__)
+
+FileHandleNo = NewType("FileHandleNo", int)
+"""The number the kernel passes back for an open file (``fh``)."""
+
+READ_WINDOW_MIN = 128 * 1024
+"""First read-ahead window in bytes: the kernel's own read-ahead unit."""
+
+READ_WINDOW_MAX = 8 * 1024 * 1024
+"""Largest read-ahead window in bytes, held once per open handle that reads sequentially."""
+
+WRITE_BUFFER_MAX = 8 * 1024 * 1024
+"""Bytes of contiguous writes collected in memory before they go to the staged value."""
+
+
+QUICK_READ_MAX = 128 * 1024
+"""Loads up to this many bytes count as quick store calls (see `StoreRunner.run_quick`)."""
+
+DIRECT_WRITE_MIN = 256 * 1024
+"""Writes of at least this many bytes go to the staged value at once instead of the buffer."""
+
+
+class FileState:
+    """The shared state of one open file inode: staged writes and what readers must see.
+
+    ``dirty`` means the file has changes that are not in the store yet; then
+    ``size`` (bytes) and ``mtime_ns`` describe the staged value. ``unlinked``
+    means the name is gone (removed, or replaced by a rename), so the changes
+    are dropped instead of committed.
+
+    With *spawn* (a nursery's ``start_soon``), writes to the staged value run
+    behind: `write` returns once the data is handed to a worker thread, so the
+    kernel sends the next request while the previous one is written. At most
+    one such write is in flight.
+
+    A failed write (behind or not) drops the file's changes. Its error is
+    raised again by every later `write`, `read`, `truncate` and `commit` until
+    the last handle is released, because a program that retries the rest of a
+    short write must not commit a value with a hole in it. ``close`` reports
+    the error too. Methods that touch the staged value take the state's lock, because
+    a `StagedItem` is not thread-safe.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        runner: StoreRunner,
+        node: Node,
+        *,
+        new: bool = False,
+        spawn: Callable[..., object] | None = None,
+    ) -> None:
+        self.node = node
+        self._store = store
+        self._runner = runner
+        self._spawn = spawn
+        self.lock = trio.Lock()
+        self.handles = 0
+        self.unlinked = False
+        self.version = 0
+        self._staged: StagedItem | None = None
+        self._start_empty = new
+        self._buffer = bytearray()
+        self._buffer_offset = 0
+        self._in_flight: trio.Event | None = None
+        self._failure: BaseException | None = None
+        self.explicit_mtime = False
+        self.dirty = new
+        self.size = 0 if new else node.size
+        self.mtime_ns = time.time_ns() if new else node.mtime_ns
+
+    def __repr__(self) -> str:
+        return f"FileState({self.node!r}, dirty={self.dirty}, size={self.size})"
+
+    @property
+    def failed(self) -> bool:
+        """Whether a write or commit failed; the changes are gone and later writes raise its error."""
+        return self._failure is not None
+
+    # Changes
+
+    async def write(self, offset: int, data: bytes) -> int:
+        """Write *data* at *offset* (a gap past the end reads as zeros); return its length."""
+        async with self.lock:
+            await self._settle()
+            try:
+                await self._write_locked(offset, data)
+            except Exception as error:
+                await self._fail(error)
+                raise
+        return len(data)
+
+    async def _write_locked(self, offset: int, data: bytes) -> None:
+        self._touch()
+        buffer_end = self._buffer_offset + len(self._buffer)
+        if self._buffer and offset == buffer_end:
+            self._buffer += data  # amortized growth; slice assignment would copy the buffer each time
+        elif self._buffer and self._buffer_offset <= offset < buffer_end:
+            start = offset - self._buffer_offset
+            self._buffer[start : start + len(data)] = data
+        elif len(data) >= DIRECT_WRITE_MIN:
+            # Large writes gain nothing from collecting: one hand-off each, no extra copy.
+            await self._flush_buffer_behind()
+            await self._run_behind(self._write_at, offset, data)
+        else:
+            await self._flush_buffer_behind()
+            self._buffer_offset = offset
+            self._buffer = bytearray(data)
+        self.size = max(self.size, offset + len(data))
+        if len(self._buffer) >= WRITE_BUFFER_MAX:
+            await self._flush_buffer_behind()
+
+    async def truncate(self, size: int) -> None:
+        """Cut the file to *size* bytes or extend it with zeros."""
+        async with self.lock:
+            await self._settle()
+            self._touch()
+            try:
+                await self._truncate_locked(size)
+            except Exception as error:
+                await self._fail(error)
+                raise
+
+    async def _truncate_locked(self, size: int) -> None:
+        await self._wait_in_flight()
+        if size == 0:
+            staged, self._staged = self._staged, None
+            self._buffer = bytearray()
+            self._start_empty = True
+            if staged is not None:
+                await self._runner.run(staged.discard)
+        else:
+            await self._runner.run(self._truncate_staged, size)
+        self.size = size
+
+    def set_mtime(self, mtime_ns: int) -> None:
+        """Set the modification time that the next commit stores (unless a later write changes it)."""
+        self.mtime_ns = mtime_ns
+        self.explicit_mtime = True
+
+    def _touch(self) -> None:
+        self.dirty = True
+        self.explicit_mtime = False
+        self.mtime_ns = time.time_ns()
+        self.version += 1
+        self.node.cache_version = None
+
+    # Writes behind
+
+    async def _flush_buffer_behind(self) -> None:
+        if not self._buffer:
+            return
+        # The worker gets the buffer itself; a new one takes the next writes, so no copy is needed.
+        buffer, offset = self._buffer, self._buffer_offset
+        self._buffer = bytearray()
+        await self._run_behind(self._write_at, offset, buffer)
+
+    async def _run_behind(self, function: Callable[..., None], *args: object) -> None:
+        await self._wait_in_flight()
+        if self._spawn is None:
+            await self._runner.run(function, *args)
+            return
+        done = trio.Event()
+        self._in_flight = done
+        self._spawn(self._background_write, function, args, done)
+
+    async def _background_write(
+        self, function: Callable[..., None], args: tuple[object, ...], done: trio.Event
+    ) -> None:
+        try:
+            await self._runner.run(function, *args)
+        except Exception as error:
+            logger.warning("writing to %r failed, its changes are dropped: %r", self.node.store_name, error)
+            self._failure = error
+        finally:
+            done.set()
+
+    async def _wait_in_flight(self) -> None:
+        in_flight = self._in_flight
+        if in_flight is not None:
+            await in_flight.wait()
+            self._in_flight = None
+
+    async def _settle(self) -> None:
+        """Wait for the write in flight; raise the error of a failed write (see the class docstring)."""
+        await self._wait_in_flight()
+        if self._failure is not None:
+            if self.dirty:
+                await self._discard_locked()
+            raise self._failure
+
+    async def _fail(self, error: Exception) -> None:
+        self._failure = error
+        await self._wait_in_flight()
+        await self._discard_locked()
+
+    # Reads of a dirty file
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Return up to *size* bytes from *offset* of the staged value (the file must be dirty)."""
+        async with self.lock:
+            await self._settle()
+            return await self._runner.run(self._read_staged, offset, size)
+
+    # Commit
+
+    async def commit(self, *, durable: bool = False) -> None:
+        """Store the changes as the item's value, atomically; nothing happens if the file is clean.
+
+        The commit writes to the node's name at this moment, so a file renamed
+        while open lands under its new name. After a failed commit the stored
+        value is unchanged, the changes are dropped and the error propagates.
+        """
+        async with self.lock:
+            await self._settle()
+            if not self.dirty:
+                return
+            if self.unlinked:
+                await self._discard_locked()
+                return
+            mtime_ns = self.mtime_ns if self.explicit_mtime else None
+            name = self.node.store_name
+            try:
+                info = await self._runner.run(self._commit_staged, name, mtime_ns, durable)
+            except BaseException as error:
+                if isinstance(error, Exception):
+                    self._failure = error
+                self._reset_clean()
+                self.node.fetched = 0.0  # the stored attributes are unknown now
+                raise
+            self._reset_clean()
+            self.node.size, self.node.mtime_ns, self.node.fetched = info.size, info.mtime_ns or 0, time.monotonic()
+            logger.debug("committed %r: %d bytes%s", name, info.size, " (durable)" if durable else "")
+
+    async def discard(self) -> None:
+        """Drop uncommitted changes; the stored value, if any, stays as it is."""
+        async with self.lock:
+            await self._wait_in_flight()
+            self._failure = None
+            await self._discard_locked()
+
+    async def _discard_locked(self) -> None:
+        staged = self._staged
+        self._reset_clean()
+        if staged is not None:
+            await self._runner.run(staged.discard)
+
+    def _reset_clean(self) -> None:
+        self._staged = None
+        self._buffer = bytearray()
+        self._start_empty = False
+        self.dirty = False
+        self.explicit_mtime = False
+        self.version += 1
+        self.node.cache_version = None
+
+    # Worker-thread parts; the caller holds the lock and no write is in flight.
+
+    def _ensure_staged(self) -> StagedItem:
+        if self._staged is None:
+            self._staged = self._store.stage(self.node.store_name, copy_existing=not self._start_empty)
+            self._start_empty = False
+        return self._staged
+
+    def _write_at(self, offset: int, data: bytes | bytearray) -> None:
+        self._ensure_staged().write(offset, data)  # type: ignore[arg-type]  # any bytes-like object
+
+    def _write_buffer(self) -> None:
+        staged = self._ensure_staged()
+        if self._buffer:
+            staged.write(self._buffer_offset, self._buffer)  # type: ignore[arg-type]
+            self._buffer = bytearray()
+
+    def _truncate_staged(self, size: int) -> None:
+        self._write_buffer()
+        self._ensure_staged().truncate(size)
+
+    def _read_staged(self, offset: int, size: int) -> bytes:
+        self._write_buffer()
+        return self._ensure_staged().read(offset, size)
+
+    def _commit_staged(self, name: str, mtime_ns: int | None, durable: bool) -> ItemInfo:
+        try:
+            self._write_buffer()
+            staged = self._ensure_staged()
+            if staged.size != self.size:
+                # A truncate that extended, or writes that assumed a stale size.
+                staged.truncate(self.size)
+        except BaseException:
+            if self._staged is not None:
+                self._staged.discard()
+            raise
+        staged.commit(name, mtime_ns=mtime_ns, durable=durable)
+        return self._store.info(name)
+
+
+class _Prefetch:
+    """A window being loaded ahead of the reader by a background task."""
+
+    def __init__(self, offset: int, size: int, version: int) -> None:
+        self.offset = offset
+        self.size = size
+        self.version = version
+        self.done = trio.Event()
+        self.data: bytes | None = None
+
+    def covers(self, offset: int, version: int) -> bool:
+        return version == self.version and self.offset <= offset < self.offset + self.size
+
+
+class FileHandle:
+    """One open file: its flags, and the read-ahead window of a reader.
+
+    Reads of a dirty file go to the shared `FileState`; reads of a clean file
+    load from the store through the window. Once a sequential reader is past
+    the middle of a full window, the next window is loaded in the background
+    (with *spawn*), so the store's latency overlaps with the kernel consuming
+    the current one. A lock keeps the kernel's parallel read requests on one
+    handle from loading the same window twice.
+    """
+
+    def __init__(
+        self,
+        number: FileHandleNo,
+        state: FileState,
+        store: Store,
+        runner: StoreRunner,
+        *,
+        writable: bool,
+        append: bool,
+        spawn: Callable[..., object] | None = None,
+    ) -> None:
+        self.number = number
+        self.state = state
+        self.writable = writable
+        self.append = append
+        self._store = store
+        self._runner = runner
+        self._spawn = spawn
+        self._lock = trio.Lock()
+        self._window = b""
+        self._window_offset = 0
+        self._window_version = -1
+        self._window_complete = False  # the window reaches the end of the value
+        self._next_offset = 0
+        self._window_size = 0
+        self._prefetch: _Prefetch | None = None
+
+    def __repr__(self) -> str:
+        return f"FileHandle({self.number}, {self.state.node!r})"
+
+    async def read(self, offset: int, size: int) -> bytes | memoryview:
+        """Return up to *size* bytes from *offset*; fewer only at the end of the file."""
+        state = self.state
+        node = state.node
+        if not node.attached:
+            raise FSError(errno.ESTALE, f"{node!r} was replaced or purged while open")
+        if state.dirty:
+            return await state.read(offset, size)
+        async with self._lock:
+            data = self._from_window(offset, size)
+            if data is None:
+                await self._load_window(offset, size)
+                data = self._from_window(offset, size)
+                assert data is not None
+            self._next_offset = offset + len(data)
+            self._maybe_prefetch(offset + len(data))
+            return data
+
+    def _from_window(self, offset: int, size: int) -> memoryview | None:
+        if self._window_version != self.state.version:
+            return None
+        start = offset - self._window_offset
+        end = start + size
+        if start < 0 or (end > len(self._window) and not (self._window_complete and start <= len(self._window))):
+            return None
+        return memoryview(self._window)[start:end]
+
+    async def _load_window(self, offset: int, size: int) -> None:
+        version = self.state.version
+        prefetch = self._prefetch
+        if prefetch is not None and prefetch.covers(offset, version):
+            await prefetch.done.wait()
+            self._prefetch = None
+            if prefetch.data is not None and offset + size <= prefetch.offset + len(prefetch.data):
+                self._set_window(prefetch.offset, prefetch.data, prefetch.size, version)
+                return
+        if offset == self._next_offset:
+            self._window_size = min(max(self._window_size * 2, READ_WINDOW_MIN), READ_WINDOW_MAX)
+            requested = max(self._window_size, size)
+        else:
+            self._window_size = 0
+            requested = size
+        data = await self._load(offset, requested)
+        self._set_window(offset, data, requested, version)
+
+    def _set_window(self, offset: int, data: bytes, requested: int, version: int) -> None:
+        self._window = data
+        self._window_offset = offset
+        self._window_version = version
+        self._window_complete = len(data) < requested
+
+    async def _load(self, offset: int, size: int) -> bytes:
+        node = self.state.node
+        deleted = node.kind == NodeKind.TRASH_FILE
+        run = self._runner.run_quick if size <= QUICK_READ_MAX else self._runner.run
+        try:
+            return await run(self._store.load, node.store_name, size=size, offset=offset, deleted=deleted)
+        except ObjectNotFound:
+            if not node.attached:
+                raise FSError(errno.ESTALE, f"{node!r} was replaced or purged while open") from None
+            raise
+
+    def _maybe_prefetch(self, position: int) -> None:
+        window_end = self._window_offset + len(self._window)
+        if (
+            self._spawn is None
+            or self._prefetch is not None
+            or self._window_complete
+            or self._window_size < READ_WINDOW_MAX
+            or position < self._window_offset + len(self._window) // 2
+        ):
+            return
+        prefetch = _Prefetch(window_end, READ_WINDOW_MAX, self._window_version)
+        self._prefetch = prefetch
+        self._spawn(self._run_prefetch, prefetch)
+
+    async def _run_prefetch(self, prefetch: _Prefetch) -> None:
+        try:
+            prefetch.data = await self._load(prefetch.offset, prefetch.size)
+        except Exception as error:
+            # The reader loads the window itself when it gets there, and reports the error then.
+            logger.debug("read-ahead of %r at %d failed: %r", self.state.node.store_name, prefetch.offset, error)
+        finally:
+            prefetch.done.set()

@@ -1,0 +1,456 @@
+"""The ``mount`` and ``umount`` subcommands: options, the daemon's lifecycle, signals and unmounting.
+
+``borgstorefs mount URL MOUNTPOINT`` returns 0 only once the store opened and
+the kernel mounted the file system. Without ``-f`` the command starts itself
+again as a detached foreground daemon (a fresh process, not a fork of one
+that may already run threads) and waits for a line on a readiness pipe:
+``ok`` or the error message, which it prints as its one line of output.
+
+The daemon stops on unmount (``borgstorefs umount``, ``fusermount3 -u``,
+``umount``) and on SIGINT or SIGTERM. Before it exits it commits every file
+still open with changes. ``auto_unmount`` is not used, so a daemon that dies
+leaves the mount point failing with ENOTCONN until someone unmounts it, and no
+program mistakes a crash for an empty store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from urllib.parse import quote
+
+from .backends import PosixFS, redact_url
+from .cli import EXIT_ERROR, EXIT_OK, add_levels_option
+from .fs import FileSystem, FSOptions
+from .store import Store
+from .workers import DEFAULT_THREADS, StoreRunner
+
+__all__ = ["add_parser"]
+
+logger = logging.getLogger(__name__)
+
+FSTYPE = "fuse.borgstorefs"
+"""File system type shown by ``mount`` and ``findmnt`` (FUSE prefixes the subtype)."""
+
+DEFAULT_TIMEOUT = 10.0
+"""Default attribute, entry and negative-entry cache timeout in seconds.
+
+Long enough that ``ls -l`` and a repeated ``rsync`` are answered from the
+kernel's cache; changes made by other clients of the store show after it.
+"""
+
+STARTUP_TIMEOUT = 120.0
+"""Seconds the background command waits for the daemon to report (an SFTP login may retry)."""
+
+PASSED_OPTIONS = frozenset(
+    {
+        "allow_other",
+        "allow_root",
+        "auto_unmount",
+        "debug",
+        "dev",
+        "nodev",
+        "exec",
+        "noexec",
+        "suid",
+        "nosuid",
+        "atime",
+        "noatime",
+        "sync",
+        "async",
+        "dirsync",
+    }
+)
+"""``-o`` options handed to libfuse unchanged. ``ro``, ``rw`` and the timeouts are handled here."""
+
+
+class MountError(Exception):
+    """The mount cannot be made: a bad option or mount point, or libfuse failed (one-line message)."""
+
+
+# Command line
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``mount`` and ``umount`` subcommands."""
+    mount = subparsers.add_parser(
+        "mount",
+        help="mount a store as a file system",
+        description="Mount the store at URL on MOUNTPOINT (an empty directory). "
+        "Runs in the background unless -f is given; stop it with 'borgstorefs umount MOUNTPOINT'.",
+    )
+    mount.add_argument("url", metavar="URL", help="file:///abs/path or sftp://[user@]host[:port]/path")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
+    mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground and log to stderr")
+    mount.add_argument(
+        "-d", "--debug", dest="debug_requests", action="store_true", help="log every request and store call (DEBUG)"
+    )
+    mount.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTION[,OPTION...]",
+        help="mount options: ro, rw, allow_other, allow_root, debug (libfuse's own request log), "
+        "attr_timeout=SECONDS, entry_timeout=SECONDS, negative_timeout=SECONDS (default "
+        f"{DEFAULT_TIMEOUT:g} each), threads=N (store calls at once, default {DEFAULT_THREADS}), "
+        "inline_quick or threaded_quick (run quick store calls, metadata and reads up to 128 KiB, in the "
+        "request loop or in worker threads; default: inline for file:// stores), "
+        "and the generic noatime, nodev, nosuid, noexec, sync, dirsync",
+    )
+    add_levels_option(
+        mount,
+        "nesting levels of a namespace, e.g. data=2 or data=0,1,2 (repeatable; default: detected from the "
+        "store, flat for new namespaces)",
+    )
+    mount.add_argument("--log-file", metavar="PATH", help="append the daemon's log to PATH instead of stderr")
+    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    mount.set_defaults(handler=cmd_mount)
+
+    umount = subparsers.add_parser(
+        "umount",
+        help="unmount a mounted store",
+        description="Unmount MOUNTPOINT, also after its daemon died (Transport endpoint is not connected).",
+    )
+    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    umount.set_defaults(handler=cmd_umount)
+
+
+class MountSettings:
+    """The parsed ``-o`` options: our own settings and the options passed to libfuse."""
+
+    def __init__(self, option_args: list[str]) -> None:
+        self.read_only = False
+        self.timeouts = {"attr_timeout": DEFAULT_TIMEOUT, "entry_timeout": DEFAULT_TIMEOUT}
+        self.timeouts["negative_timeout"] = DEFAULT_TIMEOUT
+        self.threads = DEFAULT_THREADS
+        self.inline_quick: bool | None = None  # None: inline for local (file://) stores
+        self.fuse_options: set[str] = set()
+        for option in (part for arg in option_args for part in arg.split(",") if part):
+            self._add(option)
+
+    def _add(self, option: str) -> None:
+        name, equals, value = option.partition("=")
+        if option in ("ro", "rw"):
+            self.read_only = option == "ro"
+        elif option in ("inline_quick", "threaded_quick"):
+            self.inline_quick = option == "inline_quick"
+        elif option in PASSED_OPTIONS:
+            self.fuse_options.add(option)
+        elif equals and name in ("attr_timeout", "entry_timeout", "negative_timeout"):
+            self.timeouts[name] = _parse_number(option, value, float, 0)
+        elif equals and name == "threads":
+            self.threads = int(_parse_number(option, value, int, 1))
+        elif equals and name == "max_read":
+            self.fuse_options.add(f"max_read={_parse_number(option, value, int, 4096)}")
+        elif option in ("default_permissions", "fsname", "subtype") or name in ("fsname", "subtype"):
+            raise MountError(f"option -o {option} is set by borgstorefs itself; leave it out")
+        else:
+            raise MountError(f"unknown mount option -o {option}; see 'borgstorefs mount --help'")
+
+
+def _parse_number(option: str, text: str, kind: type[float] | type[int], minimum: float) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise MountError(f"invalid value in -o {option}: expected a number") from None
+    if value < minimum:
+        raise MountError(f"invalid value in -o {option}: must be at least {minimum}")
+    return value
+
+
+def check_mountpoint(path: str) -> None:
+    """Raise `MountError` unless *path* is an existing, empty directory that nothing is mounted on."""
+    try:
+        entries = os.listdir(path)
+    except FileNotFoundError:
+        raise MountError(f"mount point {path} does not exist: create an empty directory first") from None
+    except NotADirectoryError:
+        raise MountError(f"mount point {path} is not a directory") from None
+    except OSError as err:
+        raise MountError(f"mount point {path} cannot be used: {err.strerror}") from None
+    if entries:
+        raise MountError(f"mount point {path} is not empty: mount on an empty directory")
+    if mount_entry(path) is not None:
+        raise MountError(f"mount point {path} is already a mount point")
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    """Mount the store: in the background by default, in the foreground with ``-f``."""
+    ready_fd: int | None = args.ready_fd
+    try:
+        settings = MountSettings(args.options)
+        check_mountpoint(args.mountpoint)
+        if not args.foreground:
+            return _start_background(args)
+        _configure_daemon_logging(args, quiet_until_ready=ready_fd is not None)
+        return run_daemon(args, settings, ready_fd)
+    except MountError as err:
+        if ready_fd is not None:
+            _report_ready(ready_fd, f"error: {err}")
+            return EXIT_ERROR
+        print(f"borgstorefs mount: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+# Background start
+
+
+def _start_background(args: argparse.Namespace) -> int:
+    read_end, write_end = os.pipe()
+    argv = [sys.executable, "-m", "borgstorefs"]
+    if args.verbose:
+        argv.append("-" + "v" * args.verbose)
+    if args.debug:
+        argv.append("--debug")
+    argv += ["mount", "--foreground", "--ready-fd", str(write_end)]
+    if args.debug_requests:
+        argv.append("-d")
+    for option in args.options:
+        argv += ["-o", option]
+    for namespace, levels in args.levels:
+        argv += ["--levels", f"{namespace}={','.join(map(str, levels))}"]
+    if args.log_file:
+        argv += ["--log-file", args.log_file]
+    argv += ["--", args.url, args.mountpoint]
+    try:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            pass_fds=(write_end,),
+            start_new_session=True,  # not stopped by the terminal's SIGINT or SIGHUP
+        )
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.readline(4096).decode(errors="replace").strip()
+    if message == "ok":
+        return EXIT_OK
+    # The daemon exits right after reporting an error; wait so that no process outlives the command.
+    try:
+        status = process.wait(timeout=STARTUP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        status = process.wait()
+    if not message:
+        message = f"error: the daemon exited with status {status} before mounting"
+    print(f"borgstorefs mount: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _report_ready(ready_fd: int, message: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(ready_fd, message.encode(errors="replace").replace(b"\n", b" ") + b"\n")
+        os.close(ready_fd)
+
+
+def _configure_daemon_logging(args: argparse.Namespace, *, quiet_until_ready: bool) -> None:
+    level = logging.DEBUG if args.debug_requests or args.debug or args.verbose > 1 else logging.INFO
+    if not args.debug_requests and not args.debug and not args.verbose:
+        level = logging.WARNING
+    handler: logging.Handler
+    handler = logging.FileHandler(args.log_file) if args.log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if quiet_until_ready and not args.log_file:
+        # Errors before the mount go through the readiness pipe, as the one line the command prints.
+        handler.setLevel(logging.CRITICAL + 1)
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.raiseExceptions = False  # a daemon whose terminal went away must keep running
+
+
+def _enable_log_output() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.NOTSET)
+
+
+# The daemon
+
+
+def run_daemon(args: argparse.Namespace, settings: MountSettings, ready_fd: int | None) -> int:
+    """Open the store, mount, serve requests until unmounted or signalled, commit, and unmount.
+
+    Returns 0 after a clean stop. Errors before the mount is made raise
+    `MountError` (or a store error), and nothing stays mounted.
+    """
+    import pyfuse3  # imported here so that the other subcommands work without libfuse
+    import trio
+
+    from .fuse_ops import Operations
+
+    try:
+        store = Store(args.url, levels=dict(args.levels))
+        store.open()
+    except Exception as err:
+        raise MountError(f"cannot open store {redact_url(args.url)}: {err}") from None
+    options = FSOptions(
+        read_only=settings.read_only,
+        attr_timeout=settings.timeouts["attr_timeout"],
+        entry_timeout=settings.timeouts["entry_timeout"],
+        negative_timeout=settings.timeouts["negative_timeout"],
+        uid=os.getuid(),
+        gid=os.getgid(),
+    )
+    inline = (
+        settings.inline_quick
+        if settings.inline_quick is not None
+        else isinstance(getattr(store, "backend", None), PosixFS)
+    )
+    fs = FileSystem(store, options, StoreRunner(settings.threads, inline_quick=inline))
+    try:
+        _init_fuse(pyfuse3, Operations(fs), args, settings)
+    except BaseException:
+        store.close()
+        raise
+    logger.info("mounted %s on %s", redact_url(args.url), args.mountpoint)
+    if ready_fd is not None:
+        os.chdir("/")  # a background daemon must not keep a directory busy
+    try:
+        trio.run(_serve, fs, ready_fd)
+    finally:
+        pyfuse3.close(unmount=True)
+        store.close()
+    logger.info("unmounted %s", args.mountpoint)
+    return EXIT_OK
+
+
+def _init_fuse(pyfuse3: object, operations: object, args: argparse.Namespace, settings: MountSettings) -> None:
+    fuse_options = {f"fsname={_fsname(args.url)}", "subtype=borgstorefs"}
+    fuse_options |= settings.fuse_options
+    if settings.fuse_options & {"allow_other", "allow_root"}:
+        # Other users get in: the kernel must check the mode bits. Without
+        # them only the mounting user can enter, and the kernel then skips
+        # fetching the root's attributes on every path walk, which are never
+        # cached (see `fuse_ops.Operations`).
+        fuse_options.add("default_permissions")
+    if settings.read_only:
+        fuse_options.add("ro")
+    with _captured_stderr() as captured:
+        try:
+            pyfuse3.init(operations, args.mountpoint, fuse_options)  # type: ignore[attr-defined]
+        except RuntimeError:
+            detail = captured.read().decode(errors="replace").strip().replace("\n", "; ")
+            raise MountError(f"mounting on {args.mountpoint} failed: {detail or 'libfuse gave no reason'}") from None
+
+
+def _fsname(url: str) -> str:
+    # libfuse splits options at commas and passes them as ASCII.
+    return quote(redact_url(url), safe=":/@[]?&=+~%!$'()*;#").replace(",", "%2C")
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[tempfile._TemporaryFileWrapper[bytes]]:
+    """Send file descriptor 2 to a temporary file for the block, so libfuse's messages become ours."""
+    with tempfile.TemporaryFile() as capture:
+        saved = os.dup(2)
+        try:
+            sys.stderr.flush()
+            os.dup2(capture.fileno(), 2)
+            try:
+                yield capture  # type: ignore[misc]
+            finally:
+                os.dup2(saved, 2)
+        finally:
+            os.close(saved)
+        capture.seek(0)
+
+
+async def _serve(fs: FileSystem, ready_fd: int | None) -> None:
+    import pyfuse3
+    import trio
+
+    # Writes behind run in their own nursery: stopping the request loop must not cancel them.
+    async with trio.open_nursery() as background:
+        fs.spawn = background.start_soon
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(_stop_on_signal)
+                if ready_fd is not None:
+                    _report_ready(ready_fd, "ok")
+                    _enable_log_output()
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            # Also when the request loop failed: what programs wrote must reach the store.
+            with trio.CancelScope(shield=True):
+                await fs.shutdown()
+
+
+async def _stop_on_signal(task_status: object) -> None:
+    import pyfuse3
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()  # type: ignore[attr-defined]
+        async for signum in signals:
+            logger.info("received %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+# Unmounting
+
+
+def mount_entry(path: str) -> tuple[str, str] | None:
+    """Return ``(fstype, source)`` of the topmost mount on *path*, or None.
+
+    Reads ``/proc/self/mountinfo``, so it also finds a mount whose daemon died.
+    """
+    target = os.path.realpath(path)
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as file:
+        for line in file:
+            before, _, after = line.partition(" - ")
+            mountpoint = _unescape(before.split(" ")[4])
+            if mountpoint == target:
+                fstype, source = after.split(" ")[:2]
+                found = (fstype, _unescape(source))
+    return found
+
+
+def _unescape(text: str) -> str:
+    # The kernel writes space, tab, newline and backslash in mountinfo as octal escapes.
+    for escaped, plain in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        text = text.replace(escaped, plain)
+    return text
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    """Unmount a borgstorefs mount, lazily if its daemon died and the mount is busy."""
+    path = args.mountpoint
+    entry = mount_entry(path)
+    if entry is None:
+        print(f"borgstorefs umount: error: {path} is not mounted", file=sys.stderr)
+        return EXIT_ERROR
+    if entry[0] != FSTYPE:
+        print(f"borgstorefs umount: error: {path} is a {entry[0]} mount, not {FSTYPE}", file=sys.stderr)
+        return EXIT_ERROR
+    result = _fusermount("-u", path)
+    if result.returncode != 0 and _is_disconnected(path):
+        logger.info("the daemon of %s is gone; detaching the mount lazily", path)
+        result = _fusermount("-u", "-z", path)
+    if result.returncode != 0:
+        message = result.stderr.strip().replace("\n", "; ") or f"fusermount3 exited with {result.returncode}"
+        print(f"borgstorefs umount: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def _fusermount(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["fusermount3", *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+def _is_disconnected(path: str) -> bool:
+    try:
+        os.stat(path)
+    except OSError as err:
+        return err.errno == errno.ENOTCONN
+    return False
