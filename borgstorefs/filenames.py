@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-from .names import DEL_SUFFIX, MAX_KEY_LENGTH, TMP_SUFFIX
+from .names import DEL_SUFFIX, MAX_KEY_LENGTH, TMP_SUFFIX, is_valid_key
 
 __all__ = ["MAX_NAME_BYTES", "InvalidName", "NameTooLong", "decode_key", "encode_name"]
 
@@ -34,7 +34,6 @@ _RESERVED_SUFFIXES = (DEL_SUFFIX, TMP_SUFFIX)
 # Bytes that may stand for themselves in a key: printable ASCII without
 # space, uppercase letters, '%', '/' and backslash.
 _SAFE_BYTES = frozenset(b for b in range(0x21, 0x7F) if not (0x41 <= b <= 0x5A) and b not in b"%/\\")
-_SAFE_KEY = re.compile(r"[!-$&-.0-@\[\]-~]+")
 _ESCAPE = re.compile(r"%([0-9a-f]{2})")
 
 
@@ -48,13 +47,7 @@ class NameTooLong(ValueError):
 
 def _is_plain_key(text: str) -> bool:
     """Return whether *text* is a valid key without ``%``, which stands for itself."""
-    return (
-        len(text) <= MAX_KEY_LENGTH
-        and _SAFE_KEY.fullmatch(text) is not None
-        and not text.startswith(".")
-        and ".." not in text
-        and not text.endswith(_RESERVED_SUFFIXES)
-    )
+    return "%" not in text and is_valid_key(text)
 
 
 def _check_name(name: bytes) -> None:
