@@ -345,15 +345,19 @@ class FileSystem:
         if node.kind.in_trash:
             raise FSError(errno.EPERM, f"cannot change {node.store_name!r} in the trash")
         if size is not None:
-            await self._truncate(node, size)
+            await self._truncate(node, size, by_path=fh is None)
         if mtime_ns is not None:
             await self._set_mtime(node, mtime_ns)
         return await self.getattr(ino)
 
-    async def _truncate(self, node: Node, size: int) -> None:
+    async def _truncate(self, node: Node, size: int, *, by_path: bool) -> None:
         state = self._files.get(node.ino)
         if state is not None:
             await state.truncate(size)
+            if by_path:
+                # truncate(2) by path is visible at once, and the handles still
+                # open may all be read-only ones that never commit.
+                await state.commit()
             return
         if not self._fresh(node):
             await self.getattr(node.ino)
@@ -745,11 +749,19 @@ class FileSystem:
             if self.options.read_only:
                 raise FSError(errno.EROFS, "cannot write: the mount is read-only")
         state = self._files.get(node.ino)
+        if (state is None or not state.dirty) and not self._fresh(node):
+            # Also with handles open: `prepare_read` compares the reader they share with these attributes.
+            await self.getattr(ino)
         if state is None:
-            if not self._fresh(node):
-                await self.getattr(ino)
             state = FileState(self.store, self.runner, node, spawn=self.spawn)
             self._files[node.ino] = state
+        if not state.dirty and flags & os.O_ACCMODE != os.O_WRONLY and not flags & os.O_TRUNC:
+            try:
+                await state.prepare_read(self._mtime_resolution)
+            except BaseException:
+                if state.handles == 0 and self._files.get(node.ino) is state:
+                    del self._files[node.ino]
+                raise
         version = (node.size, node.mtime_ns)
         keep_cache = not state.dirty and node.cache_version == version
         if not state.dirty:
@@ -828,7 +840,11 @@ class FileSystem:
         state.handles -= 1
         try:
             if state.handles == 0:
-                await self._finish(state)
+                try:
+                    await self._finish(state)
+                finally:
+                    if state.handles == 0:  # unless a new handle opened while the commit ran
+                        await state.close_reader()
         finally:
             if state.handles == 0 and self._files.get(node.ino) is state:
                 del self._files[node.ino]
@@ -862,6 +878,7 @@ class FileSystem:
     async def shutdown(self) -> None:
         """Commit every file with changes, durably, before the daemon exits; errors are logged."""
         for state in list(self._files.values()):
+            await state.close_reader()
             if state.unlinked:
                 await state.discard()
                 continue

@@ -1,7 +1,14 @@
 """Open files: read-ahead windows per handle and staged writes per inode.
 
-Reading a file without uncommitted writes becomes partial loads (`Store.load` with
-offset and size). Each handle keeps one window of the value in memory; a read
+Reading a file without uncommitted writes goes through a `ValueReader`
+(`Store.open_reader`) that the inode's `FileState` opens when a handle is opened
+and shares between its handles. On backends that keep the item open, the
+handles read the value of open time even after the file is removed, purged or
+replaced by a rename, as POSIX descriptors do. A store without ``open_reader``
+gets partial loads (`Store.load` with offset and size) instead, which fail with
+ESTALE once the value is gone.
+
+Each handle keeps one window of the value in memory; a read
 that continues where the previous one ended doubles the next window, from
 `READ_WINDOW_MIN` up to `READ_WINDOW_MAX`, so a sequential reader of a large
 file makes few round trips and most kernel read requests are answered from
@@ -33,7 +40,7 @@ import trio
 from .errnos import FSError
 from .errors import ObjectNotFound
 from .inodes import Node, NodeKind
-from .store import ItemInfo, StagedItem, Store
+from .store import ItemInfo, StagedItem, Store, ValueReader
 from .workers import StoreRunner
 
 __all__ = [
@@ -86,6 +93,10 @@ class FileState:
     short write must not commit a value with a hole in it. ``close`` reports
     the error too. Methods that touch the staged value take the state's lock, because
     a `StagedItem` is not thread-safe.
+
+    The stored value is read through one `ValueReader` for all handles (see
+    `prepare_read`), which a commit replaces and `close_reader` closes. Its own
+    lock is taken after ``lock`` where both are held, never before.
     """
 
     def __init__(
@@ -111,6 +122,9 @@ class FileState:
         self._buffer_offset = 0
         self._in_flight: trio.Event | None = None
         self._failure: BaseException | None = None
+        self._reader: _SharedReader | None = None
+        self._reader_lock = trio.Lock()
+        self._can_open_reader = callable(getattr(store, "open_reader", None))
         self.explicit_mtime = False
         self.dirty = new
         self.size = 0 if new else node.size
@@ -118,6 +132,11 @@ class FileState:
 
     def __repr__(self) -> str:
         return f"FileState({self.node!r}, dirty={self.dirty}, size={self.size})"
+
+    @property
+    def keeps_value(self) -> bool:
+        """Whether reads go through a `ValueReader`, which keeps the value after a rename over it or a purge."""
+        return self._can_open_reader
 
     @property
     def failed(self) -> bool:
@@ -249,6 +268,91 @@ class FileState:
             await self._settle()
             return await self._runner.run(self._read_staged, offset, size)
 
+    # Reads of the stored value
+
+    async def prepare_read(self, mtime_resolution_ns: int = 1) -> None:
+        """Open the stored value for a new handle, or keep the reader of earlier handles.
+
+        The earlier reader is kept if it still matches the node's size and
+        mtime (compared in units of *mtime_resolution_ns*, the store's
+        granularity). Otherwise another client changed the value, and every
+        handle of the inode moves on to the current one. `ObjectNotFound` if
+        the item is gone.
+        """
+        if not self._can_open_reader:
+            return
+        async with self._reader_lock:
+            current = self._reader
+            if current is not None and (not self.node.attached or current.matches(self.node, mtime_resolution_ns)):
+                return
+            if current is not None:
+                self.version += 1  # the handles' read-ahead windows hold the old value
+            await self._retire_reader_locked()
+            self._reader = await self._open_reader_locked()
+
+    async def load(self, offset: int, size: int) -> bytes:
+        """Return up to *size* bytes from *offset* of the stored value, through the shared reader."""
+        node = self.node
+        run = self._runner.run_quick if size <= QUICK_READ_MAX else self._runner.run
+        if not self._can_open_reader:
+            deleted = node.kind == NodeKind.TRASH_FILE
+            return await run(self._store.load, node.store_name, size=size, offset=offset, deleted=deleted)
+        shared = await self._current_reader()
+        shared.users += 1
+        try:
+            return await run(shared.reader.read, offset, size)
+        finally:
+            shared.users -= 1
+            if shared.retired and shared.users == 0:
+                await self._close_reader(shared)
+
+    async def _current_reader(self) -> _SharedReader:
+        async with self._reader_lock:
+            if self._reader is None:
+                if self.handles == 0:
+                    # A read-ahead that outlived the last handle: a new reader would never be closed.
+                    raise FSError(errno.EBADF, f"{self.node!r} has no open handle left")
+                # The first read after a commit replaced the value.
+                self._reader = await self._open_reader_locked()
+            return self._reader
+
+    async def _open_reader_locked(self) -> _SharedReader:
+        node = self.node
+        if not node.attached:
+            # Its name leads to another value now, or to none.
+            raise FSError(errno.ESTALE, f"{node!r} was replaced or purged while open")
+        deleted = node.kind == NodeKind.TRASH_FILE
+        reader: ValueReader = await self._runner.run_quick(
+            self._store.open_reader,  # type: ignore[attr-defined]  # checked by _can_open_reader
+            node.store_name,
+            deleted=deleted,
+        )
+        return _SharedReader(reader)
+
+    async def _retire_reader(self) -> None:
+        async with self._reader_lock:
+            await self._retire_reader_locked()
+
+    async def _retire_reader_locked(self) -> None:
+        shared, self._reader = self._reader, None
+        if shared is None:
+            return
+        shared.retired = True
+        if shared.users == 0:
+            await self._close_reader(shared)
+
+    async def _close_reader(self, shared: _SharedReader) -> None:
+        # Shielded, because a cancelled request must not leave a descriptor or remote handle open.
+        with trio.CancelScope(shield=True):
+            try:
+                await self._runner.run(shared.reader.close)
+            except Exception as error:
+                logger.warning("closing the reader of %r failed: %r", self.node.store_name, error)
+
+    async def close_reader(self) -> None:
+        """Close the shared reader after the last handle is released; reads still running finish first."""
+        await self._retire_reader()
+
     # Commit
 
     async def commit(self, *, durable: bool = False) -> None:
@@ -276,6 +380,7 @@ class FileState:
                 self.node.fetched = 0.0  # the stored attributes are unknown now
                 raise
             self._reset_clean()
+            await self._retire_reader()  # the next clean read opens the committed value
             self.node.size, self.node.mtime_ns, self.node.fetched = info.size, info.mtime_ns or 0, time.monotonic()
             logger.debug("committed %r: %d bytes%s", name, info.size, " (durable)" if durable else "")
 
@@ -341,6 +446,26 @@ class FileState:
         return self._store.info(name)
 
 
+class _SharedReader:
+    """The reader of one inode's stored value; closed once it is retired and no read uses it."""
+
+    __slots__ = ("reader", "retired", "users")
+
+    def __init__(self, reader: ValueReader) -> None:
+        self.reader = reader
+        self.users = 0
+        self.retired = False
+
+    def matches(self, node: Node, mtime_resolution_ns: int) -> bool:
+        """Return whether the value opened is still the one the node describes."""
+        if self.reader.size != node.size:
+            return False
+        mtime_ns = self.reader.mtime_ns
+        if mtime_ns is None:
+            return True
+        return mtime_ns // mtime_resolution_ns == node.mtime_ns // mtime_resolution_ns
+
+
 class _Prefetch:
     """A window being loaded ahead of the reader by a background task."""
 
@@ -400,7 +525,7 @@ class FileHandle:
         """Return up to *size* bytes from *offset*; fewer only at the end of the file."""
         state = self.state
         node = state.node
-        if not node.attached:
+        if not node.attached and not state.keeps_value:
             raise FSError(errno.ESTALE, f"{node!r} was replaced or purged while open")
         if state.dirty:
             return await state.read(offset, size)
@@ -449,10 +574,8 @@ class FileHandle:
 
     async def _load(self, offset: int, size: int) -> bytes:
         node = self.state.node
-        deleted = node.kind == NodeKind.TRASH_FILE
-        run = self._runner.run_quick if size <= QUICK_READ_MAX else self._runner.run
         try:
-            return await run(self._store.load, node.store_name, size=size, offset=offset, deleted=deleted)
+            return await self.state.load(offset, size)
         except ObjectNotFound:
             if not node.attached:
                 raise FSError(errno.ESTALE, f"{node!r} was replaced or purged while open") from None

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import BinaryIO, ParamSpec, TypeVar
 
-from .backends import Backend, ItemInfo, PosixFS, SpaceInfo, StagedValue, get_backend, redact_url
+from .backends import Backend, ItemInfo, PosixFS, SpaceInfo, StagedValue, ValueReader, get_backend, redact_url
 from .errors import (
     BackendAlreadyExists,
     BackendDoesNotExist,
@@ -82,6 +82,8 @@ __all__ = [
     "SpaceInfo",
     "StagedItem",
     "Store",
+    "StoreReader",
+    "ValueReader",
 ]
 
 logger = logging.getLogger(__name__)
@@ -139,6 +141,35 @@ class StagedItem:
 
     def __exit__(self, *exc_info: object) -> None:
         self.discard()
+
+
+class StoreReader(ValueReader):
+    """A value opened with `Store.open_reader`: the backend's reader, with each read counted as a load."""
+
+    def __init__(self, store: Store, name: str, reader: ValueReader) -> None:
+        self.name = name
+        self._store = store
+        self._reader = reader
+
+    def __repr__(self) -> str:
+        return f"StoreReader({self.name!r}, {self._reader!r})"
+
+    @property
+    def size(self) -> int:
+        return self._reader.size
+
+    @property
+    def mtime_ns(self) -> int | None:
+        return self._reader.mtime_ns
+
+    def read(self, offset: int, size: int) -> bytes:
+        with self._store._operation("load", f"read({self.name!r}, offset={offset}, size={size})") as operation:
+            value = self._reader.read(offset, size)
+            operation.volume = len(value)
+        return value
+
+    def close(self) -> None:
+        self._reader.close()
 
 
 class Store:
@@ -387,6 +418,18 @@ class Store:
             operation.volume = len(value)
         return value
 
+    def open_reader(self, name: str, *, deleted: bool = False) -> ValueReader:
+        """Open the value of *name* (soft-deleted with ``deleted=True``) for reads at offsets.
+
+        See `ValueReader`: the reader keeps the value of open time on backends
+        that can hold an item open. In `stats`, opening counts as a load of no
+        bytes and each read as a load. `ObjectNotFound` if missing.
+        """
+        with self._operation("load", f"open_reader({name!r}, deleted={deleted})"):
+            nested_name = self.find(name, deleted=deleted)
+            reader = self._backend_call(name, self.backend.open_reader, nested_name)
+        return StoreReader(self, name, reader)
+
     def store(self, name: str, value: bytes | BinaryIO) -> None:
         """Store *value* (bytes, or a binary file object streamed to its end) as *name*.
 
@@ -548,3 +591,19 @@ def _listed_item(entry: ItemInfo, deleted: bool) -> ItemInfo | None:
     if is_deleted != deleted:
         return None
     return entry._replace(name=entry.name.removesuffix(DEL_SUFFIX)) if is_deleted else entry
+
+
+# MStore is a public name of this module, imported on first access because borgstorefs.mstore imports this module.
+from typing import TYPE_CHECKING  # noqa: E402
+
+__all__ += ["MStore"]
+if TYPE_CHECKING:
+    from .mstore import MStore
+else:
+
+    def __getattr__(name: str) -> object:
+        if name == "MStore":
+            from .mstore import MStore
+
+            return MStore
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

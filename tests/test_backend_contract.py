@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -358,6 +359,140 @@ def test_stage_commit_elsewhere(backend: Backend) -> None:
     assert names_of(backend, "ns") == []
 
 
+# Readers
+
+
+@pytest.mark.parametrize(
+    ("offset", "size", "expected"),
+    [
+        (0, 3, b"012"),
+        (4, 3, b"456"),
+        (8, 10, b"89"),
+        (10, 5, b""),
+        (50, 5, b""),
+        (0, 0, b""),
+    ],
+)
+def test_reader_reads_at_offsets(backend: Backend, offset: int, size: int, expected: bytes) -> None:
+    backend.store("ns/item", b"0123456789")
+    with backend.open_reader("ns/item") as reader:
+        assert reader.size == 10
+        assert reader.read(offset, size) == expected
+
+
+def test_reader_size_and_mtime(backend: Backend) -> None:
+    backend.store("item", b"value")
+    backend.set_mtime("item", 1_600_000_000_000_000_000)
+    with backend.open_reader("item") as reader:
+        assert reader.size == 5
+        assert reader.mtime_ns == 1_600_000_000_000_000_000
+
+
+def test_reader_large_value_pieces(backend: Backend) -> None:
+    value = os.urandom(9 * MiB + 5)
+    backend.store("item", value)
+    with backend.open_reader("item") as reader:
+        assert reader.read(0, len(value) + 100) == value
+        assert reader.read(3 * MiB + 1, 4096) == value[3 * MiB + 1 : 3 * MiB + 4097]
+        assert reader.read(len(value) - 7, MiB) == value[-7:]
+
+
+def test_reader_keeps_replaced_value(backend: Backend) -> None:
+    old = os.urandom(MiB)
+    backend.store("item", old)
+    backend.store("other", b"replacement")
+    with backend.open_reader("item") as reader:
+        assert reader.read(0, 10) == old[:10]
+        backend.move("other", "item")
+        assert reader.read(10, MiB) == old[10:]
+        assert reader.size == MiB
+    assert backend.load("item") == b"replacement"
+
+
+def test_reader_keeps_value_stored_over(backend: Backend) -> None:
+    backend.store("item", b"old value")
+    with backend.open_reader("item") as reader:
+        backend.store("item", b"new value, longer")
+        assert reader.read(0, 100) == b"old value"
+
+
+def test_reader_keeps_deleted_value(backend: Backend) -> None:
+    backend.store("item", b"deleted value")
+    with backend.open_reader("item") as reader:
+        backend.delete("item")
+        assert reader.read(0, 100) == b"deleted value"
+    assert not backend.info("item").exists
+
+
+def test_reader_follows_renamed_item(backend: Backend) -> None:
+    backend.store("item", b"moved value")
+    with backend.open_reader("item") as reader:
+        backend.move("item", "item.del")
+        assert reader.read(6, 100) == b"value"
+
+
+def test_reader_of_missing_item(backend: Backend) -> None:
+    with pytest.raises(ObjectNotFound):
+        backend.open_reader("missing")
+    with pytest.raises(ObjectNotFound):
+        backend.open_reader("ns/missing")
+
+
+def test_reader_of_directory(backend: Backend) -> None:
+    backend.mkdir("ns")
+    with pytest.raises(ObjectNotFound):
+        backend.open_reader("ns")
+
+
+def test_reader_close_idempotent(backend: Backend) -> None:
+    backend.store("item", b"value")
+    reader = backend.open_reader("item")
+    reader.close()
+    reader.close()
+    with pytest.raises(ValueError, match="closed"):
+        reader.read(0, 1)
+
+
+def test_reader_rejects_negative_range(backend: Backend) -> None:
+    backend.store("item", b"value")
+    with backend.open_reader("item") as reader:
+        with pytest.raises(ValueError):
+            reader.read(-1, 1)
+        with pytest.raises(ValueError):
+            reader.read(0, -1)
+
+
+def test_readers_from_threads(backend: Backend) -> None:
+    values = {f"item{index}": os.urandom(256 * 1024 + index) for index in range(6)}
+    for name, value in values.items():
+        backend.store(name, value)
+    readers = {name: backend.open_reader(name) for name in values}
+    failures: list[str] = []
+
+    def read_all(name: str) -> None:
+        value = values[name]
+        for offset in range(0, len(value), 40_000):
+            if readers[name].read(offset, 40_000) != value[offset : offset + 40_000]:
+                failures.append(f"{name} at {offset}")
+
+    threads = [threading.Thread(target=read_all, args=(name,)) for name in values for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for reader in readers.values():
+        reader.close()
+    assert failures == []
+
+
+def test_closed_backend_reader_raises(make_url: Callable[[], str]) -> None:
+    backend = get_backend(make_url())
+    backend.create()
+    with pytest.raises(BackendMustBeOpen):
+        backend.open_reader("item")
+    backend.destroy()
+
+
 # Names
 
 
@@ -372,6 +507,7 @@ def test_unsafe_names_rejected(backend: Backend, name: str) -> None:
         lambda: backend.mkdir(name),
         lambda: list(backend.list(name)),
         lambda: backend.stage(name),
+        lambda: backend.open_reader(name),
     ]
     backend.store("item", b"x")
     for operation in operations:

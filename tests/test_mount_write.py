@@ -177,6 +177,21 @@ def test_truncate_tool_sizes(mounted: Mount) -> None:
     assert load(mounted, "ns/cut") == b""
 
 
+def test_truncate_path_while_reader_open(mounted: Mount) -> None:
+    original = make_value(8, 80_000)
+    put(mounted, "ns/shrink", original)
+    path = mounted.path / "ns" / "shrink"
+
+    with open(path, "rb") as reader:
+        assert reader.read(100) == original[:100]
+        os.truncate(path, 18_370)
+        assert os.stat(path).st_size == 18_370
+        assert load(mounted, "ns/shrink") == original[:18_370]
+
+    assert os.stat(path).st_size == 18_370
+    assert path.read_bytes() == original[:18_370]
+
+
 def test_ftruncate_then_write(mounted: Mount) -> None:
     put(mounted, "ns/file", make_value(7, 5000))
 
@@ -376,11 +391,6 @@ def test_reader_sees_closed_write(mounted: Mount) -> None:
     assert seen == b"new value, longer"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OSError,
-    reason="known limit: reads of a file replaced by a rename fail with ESTALE past the read-ahead window",
-)
 def test_reader_keeps_replaced_value(mounted: Mount) -> None:
     # POSIX keeps the replaced file readable through descriptors opened before the rename.
     mounted.expect_log(r"ESTALE")

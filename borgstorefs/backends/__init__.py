@@ -5,10 +5,19 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from ..errors import BackendURLInvalid
-from ._base import Backend, ItemInfo, SpaceInfo, StagedValue
+from ._base import Backend, ItemInfo, SpaceInfo, StagedValue, ValueReader
 from .posixfs import PosixFS, get_file_backend
 
-__all__ = ["Backend", "ItemInfo", "PosixFS", "SpaceInfo", "StagedValue", "get_backend", "redact_url"]
+__all__ = [
+    "Backend",
+    "ItemInfo",
+    "PosixFS",
+    "SpaceInfo",
+    "StagedValue",
+    "ValueReader",
+    "get_backend",
+    "redact_url",
+]
 
 SCHEMES = ("file", "sftp")
 

@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO, NamedTuple
 
-from ..errors import BackendMustBeOpen, BackendMustNotBeOpen
+from ..errors import BackendMustBeOpen, BackendMustNotBeOpen, ObjectNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +169,86 @@ class SpooledValue(StagedValue):
             self._file = None
 
 
+class ValueReader(ABC):
+    """An item opened for reading: reads at offsets until `close`.
+
+    Created by `Backend.open_reader`. `size` and `mtime_ns` describe the
+    value at open time. Backends that keep the item open (`PosixFS` and the
+    SFTP backend) go on reading that value after the item is replaced by a
+    move or a store, or deleted, as a POSIX file descriptor does; `LoadingReader`
+    does not. Thread-safe: `read` may run in several threads at once, and
+    `close` may be called while reads run, which finish first.
+    """
+
+    @property
+    @abstractmethod
+    def size(self) -> int:
+        """Size of the value in bytes when it was opened."""
+
+    @property
+    @abstractmethod
+    def mtime_ns(self) -> int | None:
+        """Modification time when it was opened, in nanoseconds since the epoch, or None where unknown."""
+
+    @abstractmethod
+    def read(self, offset: int, size: int) -> bytes:
+        """Return *size* bytes from *offset*; fewer only at the end of the value, none past it.
+
+        Raises `ValueError` for a negative *offset* or *size*, or after `close`.
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the open item; safe to call more than once."""
+
+    def __enter__(self) -> ValueReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def check_read_range(offset: int, size: int) -> None:
+    """Raise `ValueError` unless *offset* and *size* of a read are non-negative."""
+    if offset < 0 or size < 0:
+        raise ValueError(f"read offset and size must be >= 0, not offset={offset}, size={size}")
+
+
+class LoadingReader(ValueReader):
+    """A `ValueReader` that loads from the item's name at each read.
+
+    The default of `Backend.open_reader` for backends that cannot keep an
+    item open. It sees the current value at each read: after a replacement
+    it reads the new value, and after a delete `read` raises `ObjectNotFound`.
+    """
+
+    def __init__(self, backend: Backend, name: str, info: ItemInfo) -> None:
+        self._backend = backend
+        self._name = name
+        self._size = info.size
+        self._mtime_ns = info.mtime_ns
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def mtime_ns(self) -> int | None:
+        return self._mtime_ns
+
+    def read(self, offset: int, size: int) -> bytes:
+        check_read_range(offset, size)
+        if self._closed:
+            raise ValueError(f"reader of {self._name!r} is closed")
+        if size == 0:
+            return b""
+        return self._backend.load(self._name, size=size, offset=offset)
+
+    def close(self) -> None:
+        self._closed = True
+
+
 class Backend(ABC):
     """Abstract base of all backends; subclasses implement the abstract methods.
 
@@ -244,6 +324,20 @@ class Backend(ABC):
         A negative *offset* counts from the end. Past the end, the available
         bytes are returned, possibly none. `ObjectNotFound` if missing.
         """
+
+    def open_reader(self, name: str) -> ValueReader:
+        """Open item *name* for reads at offsets; `ObjectNotFound` if it is missing or a directory.
+
+        This default returns a `LoadingReader`, which costs one `info` here
+        and one `load` per read. Backends that can keep a file open override
+        it, so that reads cost less and see the value of open time.
+        """
+        self._check_open()
+        validate_backend_name(name)
+        info = self.info(name)
+        if not info.exists or info.directory:
+            raise ObjectNotFound(name)
+        return LoadingReader(self, name, info)
 
     @abstractmethod
     def store(self, name: str, value: bytes | BinaryIO) -> None:

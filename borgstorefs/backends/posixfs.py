@@ -19,6 +19,8 @@ import logging
 import os
 import secrets
 import shutil
+import stat
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,7 +39,16 @@ from ..errors import (
     PermissionDenied,
 )
 from ..names import TMP_SUFFIX
-from ._base import COPY_CHUNK_SIZE, Backend, ItemInfo, SpaceInfo, StagedValue, validate_backend_name
+from ._base import (
+    COPY_CHUNK_SIZE,
+    Backend,
+    ItemInfo,
+    SpaceInfo,
+    StagedValue,
+    ValueReader,
+    check_read_range,
+    validate_backend_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +206,71 @@ class PosixStagedValue(StagedValue):
         self._temp_path.unlink(missing_ok=True)
 
 
+class PosixReader(ValueReader):
+    """An item held open by an ``O_RDONLY`` descriptor and read with ``pread``.
+
+    The descriptor keeps the file's inode, so reads return the value of open
+    time after the item is renamed, replaced or deleted. Values never change
+    in place, because `store` and staged values write a new file and rename it.
+    """
+
+    def __init__(self, name: str, path: Path) -> None:
+        self._name = name
+        with translate_os_errors(name):
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                st = os.fstat(self._fd)
+                if stat.S_ISDIR(st.st_mode):
+                    raise ObjectNotFound(name, f"item not found: {name!r} is a directory")
+            except BaseException:
+                os.close(self._fd)
+                raise
+        self._size = st.st_size
+        self._mtime_ns = st.st_mtime_ns
+        # The descriptor is closed by whoever ends the last use: `close`, or
+        # the last read that ran while `close` was called. Closing it under a
+        # running pread could let a new file reuse the number for that read.
+        self._lock = threading.Lock()
+        self._reads = 0
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"PosixReader({self._name!r}, fd={self._fd})"
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def mtime_ns(self) -> int | None:
+        return self._mtime_ns
+
+    def read(self, offset: int, size: int) -> bytes:
+        check_read_range(offset, size)
+        with self._lock:
+            if self._closed:
+                raise ValueError(f"reader of {self._name!r} is closed")
+            self._reads += 1
+        try:
+            with translate_os_errors(self._name):
+                return read_exactly(self._fd, size, offset)
+        finally:
+            with self._lock:
+                self._reads -= 1
+                last = self._closed and self._reads == 0
+            if last:
+                os.close(self._fd)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            idle = self._reads == 0
+        if idle:
+            os.close(self._fd)
+
+
 class PosixFS(Backend):
     """Backend on a local (or locally mounted) POSIX file system.
 
@@ -303,6 +379,10 @@ class PosixFS(Backend):
                 return read_exactly(fd, size, offset)
             finally:
                 os.close(fd)
+
+    def open_reader(self, name: str) -> ValueReader:
+        self._check_open()
+        return PosixReader(name, self.path_of(name))
 
     def store(self, name: str, value: bytes | BinaryIO) -> None:
         self._check_open()

@@ -69,7 +69,7 @@ from ..errors import (
     ObjectNotFound,
 )
 from ..names import TMP_SUFFIX
-from ._base import Backend, ItemInfo, SpaceInfo, StagedValue, validate_backend_name
+from ._base import Backend, ItemInfo, SpaceInfo, StagedValue, ValueReader, validate_backend_name
 from .sftp_connect import SSHTarget, connect, resolve_target
 from .sftp_files import (
     is_directory,
@@ -81,6 +81,7 @@ from .sftp_files import (
     temp_name_for,
     write_value,
 )
+from .sftp_reader import SFTPReader
 from .sftp_session import (
     Attributes,
     Retrier,
@@ -460,6 +461,11 @@ class SFTPBackend(Backend):
                 return read_file(session, path, offset, size)
             except SFTPStatusError as err:
                 raise status_error(err, name) from None
+
+    def open_reader(self, name: str) -> ValueReader:
+        """Open item *name* with a handle on the server; see `SFTPReader` for lost connections."""
+        self._check_open()
+        return SFTPReader(self, name, self.path_of(name))
 
     def store(self, name: str, value: bytes | BinaryIO) -> None:
         self._check_open()

@@ -176,6 +176,8 @@ class SFTPSession(paramiko.SFTPClient):
         self.read_size = DEFAULT_REQUEST_SIZE
         self.write_size = DEFAULT_REQUEST_SIZE
         self._deferred: list[Reply] = []
+        self.readers = 0
+        """Readers that keep a file handle in this session (see `SessionPool.pin`)."""
         if "limits@openssh.com" in self.extensions:
             self._apply_limits()
 
@@ -458,12 +460,26 @@ class LocalReadError(Exception):
         self.error = error
 
 
+class SessionGone(ConnectionError):
+    """A pinned session was closed: its connection was lost or the pool was closed.
+
+    The server dropped the file handles of that session with it. As an
+    `OSError` it counts as a lost connection, so the `Retrier` repeats the call.
+    """
+
+
 class SessionPool:
     """Up to *size* SFTP sessions over one SSH connection, each used by one thread at a time.
 
     *connect* opens a new SSH connection. A lost connection is closed with all
     its sessions, and the next session needs a new connection; *label*
     (``user@host:port``) names the server in log messages. Thread-safe.
+
+    A file handle is valid only in the session (the server process) that
+    opened it. A reader that keeps a handle therefore *pins* its session
+    (`pin`) and borrows exactly that one for each request
+    (``session(pinned=...)``), waiting while another thread uses it. Between
+    requests the session serves other callers too.
     """
 
     def __init__(self, connect: Callable[[], paramiko.SSHClient], size: int, timeout: float, label: str) -> None:
@@ -472,53 +488,107 @@ class SessionPool:
         self._connect = connect
         self._timeout = timeout
         self.label = label
-        self._slots = threading.BoundedSemaphore(size)
+        self._size = size
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._idle: list[SFTPSession] = []
+        self._open = 0  # sessions of the current connection, idle, lent or being opened
         self._client: paramiko.SSHClient | None = None
         self._generation = 0
         self._connected_before = False
 
     @contextmanager
-    def session(self) -> Iterator[SFTPSession]:
-        """Lend a session to the calling thread; it goes back to the pool unless it broke."""
-        with self._slots_acquired():
-            session = self._take()
-            try:
-                yield session
-            except BaseException as err:
-                # A server's reply leaves the session usable. Anything else may
-                # have left replies in flight, so the session is dropped.
-                if isinstance(err, SFTPStatusError | BackendError) and session.alive:
-                    self._give_back(session)
-                else:
-                    self._drop(session, err)
-                raise
-            self._give_back(session)
+    def session(self, pinned: SFTPSession | None = None, *, spread: bool = False) -> Iterator[SFTPSession]:
+        """Lend a session to the calling thread; it goes back to the pool unless it broke.
 
-    @contextmanager
-    def _slots_acquired(self) -> Iterator[None]:
-        self._slots.acquire()
+        Idle sessions with the fewest pinned readers go first. With *pinned*,
+        lend that session, or raise `SessionGone` if it was closed. With
+        *spread*, open a new session rather than lend one that readers pinned,
+        while the pool has room.
+        """
+        session = self._take_pinned(pinned) if pinned is not None else self._take(spread)
         try:
-            yield
-        finally:
-            self._slots.release()
+            yield session
+        except BaseException as err:
+            # A server's reply leaves the session usable. Anything else may
+            # have left replies in flight, so the session is dropped.
+            if isinstance(err, SFTPStatusError | BackendError) and session.alive:
+                self._give_back(session)
+            else:
+                self._drop(session, err)
+            raise
+        self._give_back(session)
 
-    def _take(self) -> SFTPSession:
+    def pin(self, session: SFTPSession) -> None:
+        """Count a reader that keeps a handle in *session*, so that `session` with ``spread`` avoids it."""
         with self._lock:
-            while self._idle:
-                session = self._idle.pop()
-                if session.alive and session.generation == self._generation:
+            session.readers += 1
+
+    def unpin(self, session: SFTPSession) -> None:
+        """Undo one `pin` of *session*."""
+        with self._lock:
+            session.readers -= 1
+
+    def _take(self, spread: bool) -> SFTPSession:
+        with self._lock:
+            while True:
+                session = self._pop_idle(spread)
+                if session is not None:
                     return session
-                session.close()
-            client = self._connected_client()
-            generation = self._generation
+                if self._open < self._size:
+                    client = self._connected_client()
+                    generation = self._generation
+                    self._open += 1
+                    break
+                self._changed.wait()
         try:
             return self._open_session(client, generation)
         except BaseException as err:
+            self._forget(generation)
             if not isinstance(err, paramiko.ChannelException):
                 self._connection_failed(generation, err)  # the connection itself does not respond
             raise
+
+    def _take_pinned(self, pinned: SFTPSession) -> SFTPSession:
+        with self._lock:
+            while pinned not in self._idle:
+                if pinned.generation != self._generation or not pinned.alive:
+                    raise SessionGone(f"the SFTP session to {self.label} that held the file handle was closed")
+                self._changed.wait()
+            self._idle.remove(pinned)
+            if not pinned.alive:
+                self._retire_locked(pinned)
+                raise SessionGone(f"the SFTP session to {self.label} that held the file handle was closed")
+            return pinned
+
+    def _pop_idle(self, spread: bool) -> SFTPSession | None:
+        # Called with self._lock held.
+        for session in [session for session in self._idle if not session.alive]:
+            self._idle.remove(session)
+            self._retire_locked(session)
+        if not self._idle:
+            return None
+        # The most recently returned session with the fewest readers, so that
+        # other calls keep out of the way of readers where they can.
+        session = min(reversed(self._idle), key=lambda idle: idle.readers)
+        if spread and session.readers and self._open < self._size:
+            return None  # a new session spreads the readers' requests over more server processes
+        self._idle.remove(session)
+        return session
+
+    def _retire_locked(self, session: SFTPSession) -> None:
+        # Called with self._lock held, for a dead session that no thread uses.
+        session.close()
+        if session.generation == self._generation:
+            self._open -= 1
+            self._changed.notify_all()
+
+    def _forget(self, generation: int) -> None:
+        """Stop counting a session of *generation* that closed or never opened."""
+        with self._lock:
+            if generation == self._generation:
+                self._open -= 1
+                self._changed.notify_all()
 
     def _connected_client(self) -> paramiko.SSHClient:
         # Called with self._lock held, so that concurrent threads wait for one connection.
@@ -549,6 +619,7 @@ class SessionPool:
         with self._lock:
             if session.generation == self._generation:
                 self._idle.append(session)
+                self._changed.notify_all()
                 return
         session.close()
 
@@ -559,6 +630,7 @@ class SessionPool:
             session.close()
         except Exception as err:  # closing a broken channel may fail in many ways
             logger.debug("closing a broken SFTP session to %s failed: %s", self.label, err)
+        self._forget(session.generation)
         if connection_dead:
             self._connection_failed(session.generation, error)
 
@@ -569,14 +641,16 @@ class SessionPool:
                 self._discard_client()
 
     def _discard_client(self) -> None:
-        # Called with self._lock held.
+        # Called with self._lock held. Sessions lent out now are closed when they come back.
         self._generation += 1
+        self._open = 0
         for session in self._idle:
             session.close()
         self._idle.clear()
         if self._client is not None:
             self._client.close()
             self._client = None
+        self._changed.notify_all()
 
     def close(self) -> None:
         """Close the connection and every idle session; sessions in use close when they come back."""
