@@ -1,7 +1,9 @@
 """The ``mount`` and ``umount`` subcommands: options, the daemon's lifecycle, signals and unmounting.
 
 ``borgstorefs mount URL MOUNTPOINT`` returns 0 only once the store opened and
-the kernel mounted the file system. Without ``-f`` the command starts itself
+the kernel mounted the file system. ``borgstorefs mount --store URL:BUCKETS
+... MOUNTPOINT`` or ``--config FILE MOUNTPOINT`` mounts several stores as one
+`MStore` (see ``docs/mstore.md``), with the same semantics. Without ``-f`` the command starts itself
 again as a detached foreground daemon (a fresh process, not a fork of one
 that may already run threads) and waits for a line on a readiness pipe:
 ``ok`` or the error message, which it prints as its one line of output.
@@ -25,11 +27,16 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
+from typing import cast
 from urllib.parse import quote
 
 from .backends import PosixFS, redact_url
 from .cli import EXIT_ERROR, EXIT_OK, add_levels_option
 from .fs import FileSystem, FSOptions
+from .mstore import MStore
+from .mstore_cli import MStoreSpec, add_spec_options, build_mstore, spec_from_args
+from .mstore_layout import bucket_owners
 from .store import Store
 from .workers import DEFAULT_THREADS, StoreRunner
 
@@ -84,10 +91,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     mount = subparsers.add_parser(
         "mount",
         help="mount a store as a file system",
-        description="Mount the store at URL on MOUNTPOINT (an empty directory). "
+        usage="%(prog)s [OPTIONS] URL MOUNTPOINT\n"
+        "       %(prog)s [OPTIONS] --store URL:BUCKETS [--store URL:BUCKETS ...] [--kind NS=KIND ...] MOUNTPOINT\n"
+        "       %(prog)s [OPTIONS] --config FILE MOUNTPOINT",
+        description="Mount the store at URL on MOUNTPOINT (an empty directory), or several stores as one "
+        "with --store (repeatable, in store order) or --config (a TOML file). "
         "Runs in the background unless -f is given; stop it with 'borgstorefs umount MOUNTPOINT'.",
     )
-    mount.add_argument("url", metavar="URL", help="file:///abs/path or sftp://[user@]host[:port]/path")
+    mount.add_argument(
+        "url",
+        metavar="URL",
+        nargs="?",
+        help="file:///abs/path or sftp://[user@]host[:port]/path; leave it out with --store or --config",
+    )
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
     mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground and log to stderr")
     mount.add_argument(
@@ -110,6 +126,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         mount,
         "nesting levels of a namespace, e.g. data=2 or data=0,1,2 (repeatable; default: detected from the "
         "store, flat for new namespaces)",
+    )
+    add_spec_options(mount, levels=False)
+    mount.add_argument(
+        "--missing-log",
+        metavar="FILE",
+        help="with --store or --config: append each copy that a read finds missing to FILE, "
+        "for 'borgstorefs mstore repair --missing-log FILE' (default: only logged as WARNING)",
     )
     mount.add_argument("--log-file", metavar="PATH", help="append the daemon's log to PATH instead of stderr")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -188,11 +211,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
     ready_fd: int | None = args.ready_fd
     try:
         settings = MountSettings(args.options)
+        spec = mstore_spec(args)
         check_mountpoint(args.mountpoint)
         if not args.foreground:
             return _start_background(args)
         _configure_daemon_logging(args, quiet_until_ready=ready_fd is not None)
-        return run_daemon(args, settings, ready_fd)
+        return run_daemon(args, settings, ready_fd, spec)
     except MountError as err:
         if ready_fd is not None:
             _report_ready(ready_fd, f"error: {err}")
@@ -201,17 +225,44 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return EXIT_ERROR
 
 
+def mstore_spec(args: argparse.Namespace) -> MStoreSpec | None:
+    """Return the stores of ``--store`` or ``--config`` with their kinds and levels, or None for one URL.
+
+    Raises `MountError` for a URL combined with ``--store`` or ``--config``,
+    for no store at all, for multi-store options without several stores, and
+    for an invalid specification (bucket counts included).
+    """
+    several = bool(args.config or args.stores)
+    if args.url is not None and several:
+        raise MountError("give either a store URL or --store/--config, not both")
+    if args.url is None and not several:
+        raise MountError("no store given: use URL MOUNTPOINT, or --store URL:BUCKETS (repeatable) or --config FILE")
+    if not several:
+        for option, value in (("--kind", args.kinds), ("--missing-log", args.missing_log)):
+            if value:
+                raise MountError(f"{option} applies to several stores: use it with --store or --config")
+        return None
+    try:
+        spec = spec_from_args(args)
+        bucket_owners([store.buckets for store in spec.stores])
+    except OSError as err:
+        raise MountError(f"cannot read --config {args.config}: {err.strerror}") from None
+    except ValueError as err:
+        raise MountError(str(err)) from None
+    return spec
+
+
 # Background start
 
 
-def _start_background(args: argparse.Namespace) -> int:
-    read_end, write_end = os.pipe()
+def _daemon_argv(args: argparse.Namespace, ready_fd: int) -> list[str]:
+    """Return the command line of the foreground daemon for the options in *args*, reporting on *ready_fd*."""
     argv = [sys.executable, "-m", "borgstorefs"]
     if args.verbose:
         argv.append("-" + "v" * args.verbose)
     if args.debug:
         argv.append("--debug")
-    argv += ["mount", "--foreground", "--ready-fd", str(write_end)]
+    argv += ["mount", "--foreground", "--ready-fd", str(ready_fd)]
     if args.debug_requests:
         argv.append("-d")
     for option in args.options:
@@ -220,7 +271,23 @@ def _start_background(args: argparse.Namespace) -> int:
         argv += ["--levels", f"{namespace}={','.join(map(str, levels))}"]
     if args.log_file:
         argv += ["--log-file", args.log_file]
-    argv += ["--", args.url, args.mountpoint]
+
+    # Several stores: paths are made absolute, because the daemon changes to / after mounting.
+    if args.config:
+        argv += ["--config", os.path.abspath(args.config)]
+    for store in args.stores:
+        argv += ["--store", f"{store.url}:{store.buckets}"]
+    for namespace, kind in args.kinds:
+        argv += ["--kind", f"{namespace}={kind}"]
+    if args.missing_log:
+        argv += ["--missing-log", os.path.abspath(args.missing_log)]
+
+    return [*argv, "--", *([args.url] if args.url is not None else []), args.mountpoint]
+
+
+def _start_background(args: argparse.Namespace) -> int:
+    read_end, write_end = os.pipe()
+    argv = _daemon_argv(args, write_end)
     try:
         process = subprocess.Popen(
             argv,
@@ -265,6 +332,22 @@ def _configure_daemon_logging(args: argparse.Namespace, *, quiet_until_ready: bo
         handler.setLevel(logging.CRITICAL + 1)
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.raiseExceptions = False  # a daemon whose terminal went away must keep running
+    logging.getLogger("pyfuse3").addFilter(demote_forgotten_release_replies)
+
+
+def demote_forgotten_release_replies(record: logging.LogRecord) -> bool:
+    """Log pyfuse3's "fuse_release(): fuse_reply_* failed with No such file or directory" at DEBUG.
+
+    The kernel sends RELEASE without waiting for the answer once the file is
+    closed, and forgets the request when the mount goes away, so the reply
+    fails with ENOENT. Nothing is lost: the release itself has already run.
+    """
+    message = record.getMessage()
+    forgotten = message.startswith("fuse_release") and "No such file or directory" in message
+    if record.levelno >= logging.ERROR and forgotten:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger("pyfuse3").isEnabledFor(logging.DEBUG)
+    return True
 
 
 def _enable_log_output() -> None:
@@ -275,8 +358,10 @@ def _enable_log_output() -> None:
 # The daemon
 
 
-def run_daemon(args: argparse.Namespace, settings: MountSettings, ready_fd: int | None) -> int:
-    """Open the store, mount, serve requests until unmounted or signalled, commit, and unmount.
+def run_daemon(
+    args: argparse.Namespace, settings: MountSettings, ready_fd: int | None, spec: MStoreSpec | None = None
+) -> int:
+    """Open the store (or the stores of *spec*), mount, serve requests until unmounted or signalled, and unmount.
 
     Returns 0 after a clean stop. Errors before the mount is made raise
     `MountError` (or a store error), and nothing stays mounted.
@@ -286,11 +371,7 @@ def run_daemon(args: argparse.Namespace, settings: MountSettings, ready_fd: int 
 
     from .fuse_ops import Operations
 
-    try:
-        store = Store(args.url, levels=dict(args.levels))
-        store.open()
-    except Exception as err:
-        raise MountError(f"cannot open store {redact_url(args.url)}: {err}") from None
+    store = _open_store(args, spec)
     options = FSOptions(
         read_only=settings.read_only,
         attr_timeout=settings.timeouts["attr_timeout"],
@@ -299,18 +380,15 @@ def run_daemon(args: argparse.Namespace, settings: MountSettings, ready_fd: int 
         uid=os.getuid(),
         gid=os.getgid(),
     )
-    inline = (
-        settings.inline_quick
-        if settings.inline_quick is not None
-        else isinstance(getattr(store, "backend", None), PosixFS)
-    )
-    fs = FileSystem(store, options, StoreRunner(settings.threads, inline_quick=inline))
+    inline = settings.inline_quick if settings.inline_quick is not None else _all_local(store)
+    # FileSystem is annotated with Store, and MStore provides every Store method that it calls.
+    fs = FileSystem(cast(Store, store), options, StoreRunner(settings.threads, inline_quick=inline))
     try:
-        _init_fuse(pyfuse3, Operations(fs), args, settings)
+        _init_fuse(pyfuse3, Operations(fs), args, settings, spec)
     except BaseException:
         store.close()
         raise
-    logger.info("mounted %s on %s", redact_url(args.url), args.mountpoint)
+    logger.info("mounted %s on %s", _describe(args, spec), args.mountpoint)
     if ready_fd is not None:
         os.chdir("/")  # a background daemon must not keep a directory busy
     try:
@@ -322,8 +400,49 @@ def run_daemon(args: argparse.Namespace, settings: MountSettings, ready_fd: int 
     return EXIT_OK
 
 
-def _init_fuse(pyfuse3: object, operations: object, args: argparse.Namespace, settings: MountSettings) -> None:
-    fuse_options = {f"fsname={_fsname(args.url)}", "subtype=borgstorefs"}
+def _open_store(args: argparse.Namespace, spec: MStoreSpec | None) -> Store | MStore:
+    """Open the store at ``args.url``, or an `MStore` over the stores of *spec*; `MountError` on failure.
+
+    The `MStore` never repairs in the request path (``read_repair=False``):
+    copies that reads find missing are logged and, with ``--missing-log``,
+    written to that file for ``borgstorefs mstore repair``. It opens while
+    at least one store can be opened, as reads may be served by the others.
+    """
+    store: Store | MStore
+    try:
+        if spec is None:
+            store = Store(args.url, levels=dict(args.levels))
+        else:
+            # Absolute, because a background daemon changes to / after mounting and appends later.
+            missing_log = Path(args.missing_log).absolute() if args.missing_log else None
+            store = build_mstore(spec, read_repair=False, missing_log=missing_log)
+        store.open()
+    except Exception as err:
+        raise MountError(f"cannot open store {_describe(args, spec)}: {err}") from None
+    return store
+
+
+def _all_local(store: Store | MStore) -> bool:
+    """Return whether every store is a local (``file://``) one, whose quick calls may run inline."""
+    stores = store.stores if isinstance(store, MStore) else [store]
+    return all(isinstance(getattr(one, "backend", None), PosixFS) for one in stores)
+
+
+def _describe(args: argparse.Namespace, spec: MStoreSpec | None) -> str:
+    """Return the store URL, or each store's URL and bucket count, without passwords, for messages."""
+    if spec is None:
+        return redact_url(args.url)
+    return "; ".join(f"{redact_url(store.url)}:{store.buckets}" for store in spec.stores)
+
+
+def _init_fuse(
+    pyfuse3: object,
+    operations: object,
+    args: argparse.Namespace,
+    settings: MountSettings,
+    spec: MStoreSpec | None = None,
+) -> None:
+    fuse_options = {f"fsname={mount_source(args.url, spec)}", "subtype=borgstorefs"}
     fuse_options |= settings.fuse_options
     if settings.fuse_options & {"allow_other", "allow_root"}:
         # Other users get in: the kernel must check the mode bits. Without
@@ -344,6 +463,18 @@ def _init_fuse(pyfuse3: object, operations: object, args: argparse.Namespace, se
 def _fsname(url: str) -> str:
     # libfuse splits options at commas and passes them as ASCII.
     return quote(redact_url(url), safe=":/@[]?&=+~%!$'()*;#").replace(",", "%2C")
+
+
+def mount_source(url: str | None, spec: MStoreSpec | None) -> str:
+    """Return the source that ``findmnt`` shows: the URL, or ``URL:BUCKETS`` of each store joined by ``;``.
+
+    Passwords are left out. A ``;`` inside a URL is percent-encoded, so the
+    separator stays unambiguous.
+    """
+    if spec is None:
+        assert url is not None, "a single-store mount has a URL"
+        return _fsname(url)
+    return ";".join(f"{_fsname(store.url).replace(';', '%3B')}:{store.buckets}" for store in spec.stores)
 
 
 @contextlib.contextmanager

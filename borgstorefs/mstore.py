@@ -1,4 +1,11 @@
-"""Several stores used as one: redundancy, distribution, check and repair.
+"""Several stores used as one: redundancy and distribution, with the API of `Store`.
+
+`MStore` is split by concept over four modules. This one has the class
+with its lifecycle, placement, reads and staging. The bucket layout and the
+kinds are in `borgstorefs.mstore_layout`, the write rule (writes, removals,
+renames, namespaces) in `borgstorefs.mstore_writes`, and the missing-copy
+records with the check and repair methods in `borgstorefs.mstore_repair`.
+`__all__` below re-exports the public names of the layout and repair modules.
 
 An `MStore` splits the name space into 256 buckets and gives each of its
 stores a number of them, taken in order and wrapping modulo 256: with
@@ -39,41 +46,34 @@ over `NAME_LOCKS` locks). Writers in other processes are not coordinated.
 from __future__ import annotations
 
 import builtins
-import hashlib
 import heapq
-import io
-import json
 import logging
 import os
-import secrets
-import shutil
-import tempfile
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
-from typing import BinaryIO, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from .backends import ItemInfo, SpaceInfo
-from .backends._base import COPY_CHUNK_SIZE
 from .errors import (
-    BackendError,
     BackendMustBeOpen,
     BackendMustNotBeOpen,
     BackendUnavailable,
-    DirectoryNotEmpty,
-    NoSpaceLeft,
-    ObjectAlreadyExists,
     ObjectNotFound,
-    PermissionDenied,
 )
-from .names import ROOTNS, TMP_SUFFIX, split_name, validate_namespace
+from .mstore_layout import BUCKETS, DEFAULT_KIND, GENERIC, KINDS, bucket_of, bucket_owners, parse_kinds
+from .mstore_repair import STORE_FAILURES, CopyReport, MissingCopy, MStoreRepair, RepairResult, read_missing_log
+from .mstore_writes import MStoreWrites, chunked_stream
+from .names import split_name, validate_namespace
 from .nesting import Levels
 from .store import STATS_OPERATIONS, StagedItem, Store
+
+if TYPE_CHECKING:
+    from .backends import ValueReader
 
 __all__ = [
     "BUCKETS",
@@ -94,17 +94,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-BUCKETS = 256
-"""Buckets of the name space. One byte of a key, or of its hash, selects the bucket."""
-
-HEX_HASH = "hex-hash"
-NAME_HASH = "name-hash"
-GENERIC = "generic"
-KINDS = (HEX_HASH, NAME_HASH, GENERIC)
-HEX_DIGITS = frozenset("0123456789abcdef")
-DEFAULT_KIND = NAME_HASH
-"""Kind of a namespace that the *kinds* mapping does not name."""
-
 NAME_LOCKS = 64
 """Locks that serialize writes per name. Names share a lock by CRC-32, so more locks only lower contention."""
 
@@ -114,204 +103,8 @@ RETRY_INTERVAL = 10.0
 FAILURE_LOG_INTERVAL = 60.0
 """Seconds between WARNING records about the same unreachable store. Repeats in between go to DEBUG."""
 
-STORE_FAILURES = (BackendError, OSError)
-"""Errors that mean one store failed, so another copy may still serve or take the request."""
-
-
-# Layout
-
-
-def bucket_owners(buckets: Sequence[int]) -> tuple[tuple[int, ...], ...]:
-    """Return, for each of the 256 buckets, the indexes of the stores that hold it, in assignment order.
-
-    Store ``i`` takes the next ``buckets[i]`` buckets, wrapping modulo 256.
-    Raises `ValueError` for an empty list, a count that is not a
-    non-negative integer, a total that is not a positive multiple of 256,
-    or a store that would hold one bucket twice.
-    """
-    if not buckets:
-        raise ValueError("an MStore needs at least one store and its bucket count")
-    for index, count in enumerate(buckets):
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise ValueError(f"bucket count of store {index} must be a non-negative integer, not {count!r}")
-    total = sum(buckets)
-    if total == 0 or total % BUCKETS:
-        raise ValueError(
-            f"bucket counts {list(buckets)} add up to {total}, which is not a positive multiple of {BUCKETS}: "
-            f"use a total of {BUCKETS} for one copy of each item, {2 * BUCKETS} for two, and so on"
-        )
-    owners: list[list[int]] = [[] for _ in range(BUCKETS)]
-    position = 0
-    for index, count in enumerate(buckets):
-        for _ in range(count):
-            bucket = position % BUCKETS
-            if index in owners[bucket]:
-                raise ValueError(
-                    f"store {index} would hold bucket {bucket} twice, so two copies would land on one store: "
-                    f"a store can hold at most {BUCKETS} buckets, not {count}"
-                )
-            owners[bucket].append(index)
-            position += 1
-    return tuple(tuple(bucket_stores) for bucket_stores in owners)
-
-
-def parse_kinds(kinds: Mapping[str, str] | None) -> dict[str, str]:
-    """Validate a kinds mapping such as ``{"data/": "hex-hash", "config/": "generic"}``.
-
-    Namespaces may carry the trailing ``/``, and ``""`` is the root namespace.
-    Returns a dict keyed by the bare namespace.
-    """
-    result: dict[str, str] = {}
-    for raw_namespace, kind in (kinds or {}).items():
-        if not isinstance(raw_namespace, str):
-            raise TypeError(f"namespace must be str, not {type(raw_namespace).__name__}: {raw_namespace!r}")
-        namespace = raw_namespace.removesuffix("/")
-        validate_namespace(namespace)
-        if kind not in KINDS:
-            raise ValueError(f"invalid kind {kind!r} for namespace {namespace!r}: use one of {', '.join(KINDS)}")
-        if namespace in result:
-            raise ValueError(f"namespace {namespace!r} has a kind twice")
-        result[namespace] = kind
-    return result
-
-
-def bucket_of(kind: str, key: str) -> int | None:
-    """Return the bucket of *key* in a namespace of *kind*, or None for ``generic`` (every store).
-
-    Raises `ValueError` for a ``hex-hash`` key that does not start with two hex digits.
-    """
-    if kind == GENERIC:
-        return None
-    if kind == HEX_HASH:
-        prefix = key[:2]
-        if len(prefix) < 2 or any(c not in HEX_DIGITS for c in prefix):
-            raise ValueError(
-                f"key {key!r} cannot be placed in a {HEX_HASH} namespace: it must start with two hex digits"
-            )
-        return int(prefix, 16)
-    return hashlib.sha256(key.encode()).digest()[0]
-
-
-# Records
-
-
-class MissingCopy(NamedTuple):
-    """A copy that a read found missing, or that a failed write left missing or outdated."""
-
-    name: str
-    deleted: bool
-    store: int
-    """Index of the store in `MStore.stores`."""
-
-
-def read_missing_log(path: str | os.PathLike[str]) -> list[MissingCopy]:
-    """Return the records of a missing-copy log written by an `MStore` with ``missing_log``."""
-    records: list[MissingCopy] = []
-    with open(path, encoding="utf-8") as log:
-        for number, line in enumerate(log, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                records.append(MissingCopy(str(entry["name"]), bool(entry["deleted"]), int(entry["store"])))
-            except (ValueError, KeyError, TypeError) as err:
-                # A crash can cut the last line short, so skip it and keep the rest.
-                logger.warning("skipping invalid line %d of missing-copy log %s: %s", number, path, err)
-    return records
-
-
-@dataclass(frozen=True)
-class CopyReport:
-    """Where the copies of one item are, compared with where the layout wants them.
-
-    *copies* maps store index to what that store reports about its copy.
-    *expected* is empty, and *problem* gives the reason, for a name the layout
-    cannot place (a non-hex key in a ``hex-hash`` namespace). *digests* contains the
-    SHA-256 of each copy's value when the report was made with ``verify=True``.
-    """
-
-    name: str
-    deleted: bool
-    expected: tuple[int, ...]
-    copies: dict[int, ItemInfo]
-    unreachable: frozenset[int] = frozenset()
-    problem: str | None = None
-    digests: dict[int, bytes] | None = None
-
-    @property
-    def missing(self) -> tuple[int, ...]:
-        """Stores that should have a copy, responded, and have none."""
-        return tuple(i for i in self.expected if i not in self.copies and i not in self.unreachable)
-
-    @property
-    def extra(self) -> tuple[int, ...]:
-        """Stores that hold a copy but should not (left over from a layout change)."""
-        return tuple(i for i in sorted(self.copies) if i not in self.expected)
-
-    @property
-    def source(self) -> int | None:
-        """The copy that repair spreads: the newest expected copy, else the newest left-over one."""
-        candidates = [i for i in self.expected if i in self.copies] or list(self.extra)
-        if not candidates:
-            return None
-        return max(candidates, key=lambda i: (self.copies[i].mtime_ns or 0, -candidates.index(i)))
-
-    @property
-    def differing(self) -> tuple[int, ...]:
-        """Expected stores whose copy differs from the source copy: by digest if known, else by size."""
-        source = self.source
-        if source is None:
-            return ()
-        if self.digests is not None and source in self.digests:
-            digest = self.digests[source]
-            return tuple(i for i in self.expected if i in self.digests and self.digests[i] != digest)
-        size = self.copies[source].size
-        return tuple(i for i in self.expected if i in self.copies and self.copies[i].size != size)
-
-    @property
-    def healthy(self) -> bool:
-        """Whether every expected store has a copy, all of one size, and no other store has one."""
-        return not (self.problem or self.missing or self.extra or self.differing or self.unreachable)
-
-
-@dataclass
-class RepairResult:
-    """Counts of a repair: copies made or overwritten, left-over copies removed, and the failures."""
-
-    copied: int = 0
-    removed: int = 0
-    failed: list[str] = field(default_factory=list)
-
-    def add(self, other: RepairResult) -> None:
-        """Add the counts and failures of *other* to this result."""
-        self.copied += other.copied
-        self.removed += other.removed
-        self.failed.extend(other.failed)
-
 
 # Staging
-
-
-class _ReadAtStream(io.RawIOBase):
-    """A read-only stream over a ``read_at(offset, size)`` function, so values stream in chunks."""
-
-    def __init__(self, read_at: Callable[[int, int], bytes]) -> None:
-        super().__init__()
-        self._read_at = read_at
-        self._offset = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        data = self._read_at(self._offset, len(buffer))
-        buffer[: len(data)] = data
-        self._offset += len(data)
-        return len(data)
-
-
-def _stream(read_at: Callable[[int, int], bytes]) -> BinaryIO:
-    return io.BufferedReader(_ReadAtStream(read_at), COPY_CHUNK_SIZE)  # type: ignore[return-value]
 
 
 class MStagedItem:
@@ -372,7 +165,7 @@ _MISSING = object()
 _FAILED = object()
 
 
-class MStore:
+class MStore(MStoreWrites, MStoreRepair):
     """Several `Store` objects used as one, with the API of `Store`.
 
     *stores* are unopened stores, *buckets* gives the bucket count of each
@@ -385,6 +178,9 @@ class MStore:
     also appended as a JSON line to that local file, for `repair_missing` and
     ``borgstorefs mstore repair --missing-log``. A store that is unreachable
     is skipped for *retry_interval* seconds before it is tried again.
+
+    The write methods come from `MStoreWrites`, and the check and repair
+    methods from `MStoreRepair`.
     """
 
     def __init__(
@@ -573,31 +369,6 @@ class MStore:
                 stack.enter_context(self._name_locks[index])
             yield
 
-    # Missing copies
-
-    def _record_missing(self, name: str, deleted: bool, indexes: Sequence[int], reason: str) -> None:
-        for index in indexes:
-            record = MissingCopy(name, deleted, index)
-            with self._records_lock:
-                if record in self.missing_copies:
-                    continue
-                self.missing_copies.add(record)
-                if self.missing_log is not None:
-                    self._append_log(record)
-            logger.warning(
-                "copy of %r (deleted=%s) on %r is %s; recorded for repair", name, deleted, self.stores[index], reason
-            )
-
-    def _append_log(self, record: MissingCopy) -> None:
-        assert self.missing_log is not None
-        line = json.dumps({"name": record.name, "deleted": record.deleted, "store": record.store}) + "\n"
-        try:
-            # One open per record: a repair that renamed the log away gets a fresh file for new records.
-            with open(self.missing_log, "a", encoding="utf-8") as log:
-                log.write(line)
-        except OSError as err:
-            logger.error("cannot append to missing-copy log %s for %r: %s", self.missing_log, record.name, err)
-
     # Reads
 
     def _read(
@@ -681,6 +452,22 @@ class MStore:
                 logger.warning("read-repair of %r failed, the copy stays recorded as missing: %s", name, err)
         return value
 
+    def open_reader(self, name: str, *, deleted: bool = False) -> ValueReader:
+        """Open the value of *name* for reads at offsets, on the first store in read order that has it.
+
+        Stores are tried and missing copies recorded as in `load`, but nothing
+        is repaired, because opening a file must not wait for a copy.
+        `ObjectNotFound` if no store has the item, and `BackendUnavailable`
+        if no store that should hold it responded.
+
+        NOTE: the reader belongs to one store. If that store fails later,
+        reads through the reader fail too, and no other copy takes over.
+        """
+        reader, _, missing, failed = self._read(name, "open", lambda store: store.open_reader(name, deleted=deleted))
+        self._record_missing(name, deleted, missing, "missing")
+        self._record_missing(name, deleted, failed, "unreachable")
+        return reader
+
     def list(self, namespace: str, *, deleted: bool = False) -> Iterator[ItemInfo]:
         """Yield the items of *namespace* sorted by key, each once, merged from every reachable store.
 
@@ -747,73 +534,7 @@ class MStore:
         index = min(self._opened) if self._opened else 0
         return self.stores[index].levels_of(namespace)
 
-    # Writes
-
-    def _raise_incomplete(
-        self, action: str, name: str, deleted: bool, done: Sequence[int], failures: Sequence[tuple[int, BaseException]]
-    ) -> None:
-        """Record the stores a write missed and raise: an incomplete write is never acknowledged."""
-        failed = [index for index, _ in failures]
-        if done:
-            self._record_missing(name, deleted, failed, f"outdated after a failed {action}")
-        details = "; ".join(f"{self.stores[i]!r}: {err}" for i, err in failures)
-        message = (
-            f"{action} of {name!r} reached {len(done)} of {len(done) + len(failed)} stores ({details}); "
-            f"the copies may differ until the write is retried or `borgstorefs mstore repair` runs"
-        )
-        logger.error("%s", message)
-        kinds = {type(err) for _, err in failures}
-        error_class: type[BackendError] = BackendUnavailable
-        for specific in (NoSpaceLeft, PermissionDenied):
-            if kinds == {specific}:
-                error_class = specific
-        raise error_class(message) from failures[0][1]
-
-    def store(self, name: str, value: bytes | BinaryIO) -> None:
-        """Store *value* (bytes, or a binary file object read to its end) on every store that should hold *name*.
-
-        Each copy is atomic, as in `Store.store`. If an expected store fails,
-        the others are still written and `BackendUnavailable` (or
-        `NoSpaceLeft`/`PermissionDenied` if every failure is one of those) is raised.
-        """
-        expected = self.placement(name)
-        with ExitStack() as stack:
-            rewind = self._rewindable(value, len(expected), stack)
-            with self._locked(name):
-                done: list[int] = []
-                failures: list[tuple[int, BaseException]] = []
-                for index in expected:
-                    try:
-                        self._ready(index).store(name, rewind())
-                    except STORE_FAILURES as err:
-                        self._note_failure(index, "store", name, err)
-                        failures.append((index, err))
-                    else:
-                        done.append(index)
-                if failures:
-                    self._raise_incomplete("store", name, False, done, failures)
-
-    @staticmethod
-    def _rewindable(value: bytes | BinaryIO, copies: int, stack: ExitStack) -> Callable[[], bytes | BinaryIO]:
-        """Return a function that gives *value* from its start once per copy.
-
-        A stream that cannot seek is spooled to a local temporary file first,
-        so that memory stays bounded.
-        """
-        if isinstance(value, bytes | bytearray | memoryview) or copies == 1:
-            return lambda: value
-        if value.seekable():
-            start = value.tell()
-        else:
-            spool = stack.enter_context(tempfile.TemporaryFile(prefix="borgstorefs-mstore-"))  # noqa: SIM115
-            shutil.copyfileobj(value, spool, COPY_CHUNK_SIZE)
-            value, start = spool, 0  # type: ignore[assignment]
-
-        def rewind() -> BinaryIO:
-            value.seek(start)  # type: ignore[union-attr]
-            return value  # type: ignore[return-value]
-
-        return rewind
+    # Staging
 
     def stage(self, name: str, *, copy_existing: bool = False) -> MStagedItem:
         """Start writing a new value for *name* at offsets, invisible until committed.
@@ -853,7 +574,7 @@ class MStore:
                         continue
                     try:
                         store = self._ready(index)
-                        store.store(target, _stream(staged.read))
+                        store.store(target, chunked_stream(staged.read))
                         if mtime_ns is not None:
                             store.set_mtime(target, mtime_ns)
                     except STORE_FAILURES as err:
@@ -873,397 +594,6 @@ class MStore:
                 staged.discard()
             if failures:
                 self._raise_incomplete("commit", target, False, done, failures)
-
-    def set_mtime(self, name: str, mtime_ns: int, *, deleted: bool = False) -> None:
-        """Set the modification time (nanoseconds since the epoch) of every copy of *name*."""
-
-        def set_copy_mtime(store: Store) -> None:
-            store.set_mtime(name, mtime_ns, deleted=deleted)
-
-        with self._locked(name):
-            self._on_copies("set_mtime", name, deleted, set_copy_mtime, everywhere=True)
-
-    def delete(self, name: str, *, deleted: bool = False) -> None:
-        """Delete every copy of *name* for good, on all stores (with ``deleted=True``: its soft-deleted copies).
-
-        `ObjectNotFound` if no store has it. See ``move(name, delete=True)`` for soft deletion.
-        """
-        with self._locked(name):
-            self._on_copies("delete", name, deleted, lambda store: store.delete(name, deleted=deleted), everywhere=True)
-
-    def _on_copies(
-        self, action: str, name: str, deleted: bool, call: Callable[[Store], None], *, everywhere: bool = False
-    ) -> None:
-        """Run *call* on each store that should hold *name* (with *everywhere*: on all stores).
-
-        A store that reports "not found" is skipped. Raises `ObjectNotFound`
-        if every store did, and raises like `store` if a store failed.
-        """
-        indexes = self.read_order(name) if everywhere else self.placement(name)
-        done: list[int] = []
-        failures: list[tuple[int, BaseException]] = []
-        for index in indexes:
-            try:
-                call(self._ready(index))
-            except ObjectNotFound:
-                continue
-            except ObjectAlreadyExists:
-                raise
-            except STORE_FAILURES as err:
-                self._note_failure(index, action, name, err)
-                failures.append((index, err))
-            else:
-                done.append(index)
-        if failures:
-            self._raise_incomplete(action, name, deleted, done, failures)
-        if not done:
-            raise ObjectNotFound(name)
-
-    def move(
-        self,
-        name: str,
-        new_name: str | None = None,
-        *,
-        delete: bool = False,
-        undelete: bool = False,
-        change_level: bool = False,
-        deleted: bool = False,
-        replace: bool = True,
-    ) -> None:
-        """Rename, soft-delete, undelete or re-nest an item on every store, with the modes of `Store.move`.
-
-        Soft deletion, undeletion and re-nesting apply to every store that
-        has a copy. A rename to a name with other expected stores (a
-        ``name-hash`` key, or another namespace) copies the value to the new
-        stores first and removes the old copies last, so a crash in between
-        leaves both names rather than neither.
-        """
-        modes = sum((delete, undelete, change_level))
-        if modes > 1 or (modes and new_name is not None):
-            raise ValueError(f"move of {name!r}: choose one of new_name, delete, undelete, change_level")
-        if delete:
-            with self._locked(name):
-                self._on_copies("soft-delete", name, False, lambda s: s.move(name, delete=True), everywhere=True)
-        elif undelete:
-            with self._locked(name):
-                if self.info(name).exists:
-                    raise ObjectAlreadyExists(name, f"cannot undelete {name!r}: a live item with that name exists")
-                self._on_copies("undelete", name, True, lambda s: s.move(name, undelete=True), everywhere=True)
-        elif change_level:
-
-            def change_copy_level(store: Store) -> None:
-                store.move(name, change_level=True, deleted=deleted)
-
-            with self._locked(name):
-                self._on_copies("change-level", name, deleted, change_copy_level, everywhere=True)
-        else:
-            if new_name is None:
-                raise ValueError(f"move of {name!r} needs new_name, delete, undelete or change_level")
-            with self._locked(name, new_name):
-                self._rename(name, new_name, deleted=deleted, replace=replace)
-
-    def _rename(self, name: str, new_name: str, *, deleted: bool, replace: bool) -> None:
-        if not replace and self.info(new_name, deleted=deleted).exists:
-            raise ObjectAlreadyExists(new_name, f"cannot move {name!r}: the target {new_name!r} exists")
-        targets = self.placement(new_name)
-        done: list[int] = []
-        needs_copy: list[int] = []
-        failures: list[tuple[int, BaseException]] = []
-
-        # 1. Rename in place on the target stores that hold the source.
-        for index in targets:
-            try:
-                self._ready(index).move(name, new_name, deleted=deleted, replace=replace)
-            except ObjectNotFound:
-                needs_copy.append(index)
-            except ObjectAlreadyExists:
-                raise
-            except STORE_FAILURES as err:
-                self._note_failure(index, "move", name, err)
-                failures.append((index, err))
-            else:
-                done.append(index)
-
-        # 2. Copy to the target stores that lack the source, from a renamed copy or an old one.
-        for index in needs_copy:
-            try:
-                self._copy_for_rename(name, new_name, deleted, done, index)
-            except ObjectNotFound:
-                logger.debug("move of %r: no copy left to copy to %r", name, self.stores[index])
-                continue
-            except STORE_FAILURES as err:
-                self._note_failure(index, "move", name, err)
-                failures.append((index, err))
-            else:
-                done.append(index)
-
-        # 3. Remove the source from every other store, now that the new copies exist.
-        if done:
-            for index in self.read_order(name):
-                if index in targets:
-                    continue
-                try:
-                    self._ready(index).delete(name, deleted=deleted)
-                except ObjectNotFound:
-                    continue
-                except STORE_FAILURES as err:
-                    self._note_failure(index, "move", name, err)
-                    failures.append((index, err))
-        if failures:
-            self._raise_incomplete("move", new_name, deleted, done, failures)
-        if not done:
-            raise ObjectNotFound(name)
-
-    def _copy_for_rename(self, name: str, new_name: str, deleted: bool, renamed: Sequence[int], target: int) -> None:
-        if renamed:
-            self._copy(renamed[0], new_name, target, new_name, deleted, replace=True)
-            return
-        for source in self.read_order(name):
-            if source == target:
-                continue
-            try:
-                self._copy(source, name, target, new_name, deleted, replace=True)
-                return
-            except ObjectNotFound:
-                continue
-        raise ObjectNotFound(name)
-
-    def _copy(self, source: int, name: str, target: int, new_name: str, deleted: bool, *, replace: bool) -> None:
-        """Stream one copy from store *source* to store *target*, keeping its modification time.
-
-        With ``replace=False`` the copy is written to a hidden temporary name
-        and renamed without replacing, so a value written meanwhile by
-        someone else always wins over the copy.
-        """
-        source_store, target_store = self._ready(source), self._ready(target)
-        source_nested = source_store.find(name, deleted=deleted)
-        source_info = source_store.backend.info(source_nested)
-        if not source_info.exists:
-            raise ObjectNotFound(name)
-        target_nested = target_store.find(new_name, deleted=deleted)
-        backend = target_store.backend
-
-        def read_at(offset: int, size: int) -> bytes:
-            return source_store.backend.load(source_nested, size=size, offset=offset)
-
-        if replace:
-            backend.store(target_nested, _stream(read_at))
-        else:
-            # 3 random bytes keep the longest name (240-character key, .del, .xxxxxx.tmp) at 255 characters.
-            temp = f"{target_nested}.{secrets.token_hex(3)}{TMP_SUFFIX}"
-            try:
-                backend.store(temp, _stream(read_at))
-                backend.move(temp, target_nested, replace=False)
-            except BaseException:
-                try:
-                    backend.delete(temp)
-                except STORE_FAILURES as err:
-                    logger.debug("removing temporary copy %s failed: %s", temp, err)
-                raise
-        if source_info.mtime_ns is not None:
-            backend.set_mtime(target_nested, source_info.mtime_ns)
-
-    # Namespaces
-
-    def create_namespace(self, namespace: str, levels: Sequence[int] | None = None) -> None:
-        """Create *namespace* with *levels* on every store, and raise like `store` if one fails."""
-        done: list[int] = []
-        failures: list[tuple[int, BaseException]] = []
-        for index in range(len(self.stores)):
-            try:
-                self._ready(index).create_namespace(namespace, levels)
-            except STORE_FAILURES as err:
-                self._note_failure(index, "create_namespace", namespace, err)
-                failures.append((index, err))
-            else:
-                done.append(index)
-        if failures:
-            self._raise_incomplete("create_namespace", namespace or "/", False, [], failures)
-
-    def remove_namespace(self, namespace: str) -> None:
-        """Remove an empty *namespace* from every store.
-
-        Raises `DirectoryNotEmpty` if any store holds a live or soft-deleted
-        item in it, and `ObjectNotFound` if no store has it.
-        """
-        for deleted in (False, True):
-            for _ in self.list(namespace, deleted=deleted):
-                raise DirectoryNotEmpty(namespace)
-        done: list[int] = []
-        failures: list[tuple[int, BaseException]] = []
-        for index in range(len(self.stores)):
-            try:
-                self._ready(index).remove_namespace(namespace)
-            except ObjectNotFound:
-                continue
-            except STORE_FAILURES as err:
-                self._note_failure(index, "remove_namespace", namespace, err)
-                failures.append((index, err))
-            else:
-                done.append(index)
-        if failures:
-            self._raise_incomplete("remove_namespace", namespace, False, [], failures)
-        if not done:
-            raise ObjectNotFound(namespace, f"namespace not found: {namespace!r}")
-
-    # Check and repair
-
-    def inspect(self, name: str, *, deleted: bool = False, verify: bool = False) -> CopyReport:
-        """Ask every store about *name* and return where its copies are.
-
-        With ``verify=True`` every copy is read to compare SHA-256 digests, so
-        that copies of equal size but other content count as differing.
-        """
-        namespace, key = split_name(name)
-        copies: dict[int, ItemInfo] = {}
-        unreachable: set[int] = set()
-        for index in range(len(self.stores)):
-            try:
-                info = self._ready(index).info(name, deleted=deleted)
-            except STORE_FAILURES as err:
-                self._note_failure(index, "info", name, err)
-                unreachable.add(index)
-                continue
-            if info.exists:
-                copies[index] = info
-        report = self._report(namespace, key, deleted, copies, frozenset(unreachable))
-        if not verify or len(copies) < 2:
-            return report
-        digests: dict[int, bytes] = {}
-        for index in list(copies):
-            try:
-                digests[index] = self._digest(index, name, deleted)
-            except STORE_FAILURES as err:
-                self._note_failure(index, "verify", name, err)
-                del copies[index]
-                unreachable.add(index)
-        return self._report(namespace, key, deleted, copies, frozenset(unreachable), digests)
-
-    def _digest(self, index: int, name: str, deleted: bool) -> bytes:
-        """Return the SHA-256 of the copy of *name* on store *index*, read in chunks."""
-        store = self._ready(index)
-        nested = store.find(name, deleted=deleted)
-        digest = hashlib.sha256()
-        offset = 0
-        while chunk := store.backend.load(nested, size=COPY_CHUNK_SIZE, offset=offset):
-            digest.update(chunk)
-            offset += len(chunk)
-        return digest.digest()
-
-    def _report(
-        self,
-        namespace: str,
-        key: str,
-        deleted: bool,
-        copies: dict[int, ItemInfo],
-        unreachable: frozenset[int],
-        digests: dict[int, bytes] | None = None,
-    ) -> CopyReport:
-        name = f"{namespace}/{key}" if namespace else key
-        try:
-            expected = self._placement_of_key(namespace, key)
-        except ValueError as err:
-            return CopyReport(name, deleted, (), copies, unreachable, problem=str(err))
-        return CopyReport(name, deleted, expected, copies, unreachable, digests=digests)
-
-    def scan(self, namespaces: Sequence[str] | None = None) -> Iterator[CopyReport]:
-        """Yield a `CopyReport` for every live and soft-deleted item, from the listings of all stores.
-
-        Order: namespaces sorted (the root namespace first), live items before
-        soft-deleted ones, keys sorted. A store that cannot be listed counts
-        as unreachable for the items of that listing.
-        """
-        if namespaces is None:
-            namespaces = [ROOTNS, *self.namespaces()]
-        for namespace in sorted(namespaces):
-            for deleted in (False, True):
-                yield from self._scan_listing(namespace, deleted)
-
-    def _scan_listing(self, namespace: str, deleted: bool) -> Iterator[CopyReport]:
-        unreachable: set[int] = set()
-
-        def entries(index: int) -> Iterator[tuple[str, int, ItemInfo]]:
-            try:
-                for info in self._ready(index).list(namespace, deleted=deleted):
-                    yield info.name, index, info
-            except ObjectNotFound:
-                return
-            except STORE_FAILURES as err:
-                self._note_failure(index, "list", namespace, err)
-                unreachable.add(index)
-
-        merged = heapq.merge(*(entries(i) for i in range(len(self.stores))))
-        for key, group in groupby(merged, key=lambda entry: entry[0]):
-            copies = {index: info for _, index, info in group}
-            yield self._report(namespace, key, deleted, copies, frozenset(unreachable))
-
-    def repair_name(self, name: str, *, deleted: bool = False, verify: bool = False) -> RepairResult:
-        """Bring the copies of *name* in line with the layout, and return what was done.
-
-        Missing expected copies are re-created and differing copies (other
-        size, or with *verify* other content) are overwritten from the source
-        copy, the newest one (see `CopyReport.source`). Copies on stores that
-        should not hold the item are removed, but only once every expected
-        store holds a copy.
-        """
-        with self._locked(name):
-            report = self.inspect(name, deleted=deleted, verify=verify)
-            result = self._repair_report(report)
-        if not result.failed:
-            with self._records_lock:
-                for index in range(len(self.stores)):
-                    self.missing_copies.discard(MissingCopy(name, deleted, index))
-        return result
-
-    def _repair_report(self, report: CopyReport) -> RepairResult:
-        result = RepairResult()
-        source = report.source
-        if report.problem or source is None:
-            if report.problem:
-                result.failed.append(f"{report.name}: {report.problem}")
-            return result
-        fixes = [(i, False) for i in report.missing] + [(i, True) for i in report.differing]
-        for index, replace in fixes:
-            try:
-                self._copy(source, report.name, index, report.name, report.deleted, replace=replace)
-            except ObjectAlreadyExists:
-                # Written meanwhile by someone else, whose value wins over the copy.
-                logger.debug("repair of %r: %r got a new value meanwhile, not copying", report.name, self.stores[index])
-                continue
-            except STORE_FAILURES as err:
-                self._note_failure(index, "repair", report.name, err)
-                result.failed.append(f"{report.name}: copy to {self.stores[index]!r} failed: {err}")
-            else:
-                result.copied += 1
-        unreachable_expected = [i for i in report.expected if i in report.unreachable]
-        for index in unreachable_expected:
-            result.failed.append(f"{report.name}: {self.stores[index]!r} is unreachable")
-        if result.failed:
-            return result
-        for index in report.extra:
-            try:
-                self._ready(index).delete(report.name, deleted=report.deleted)
-            except ObjectNotFound:
-                continue
-            except STORE_FAILURES as err:
-                self._note_failure(index, "repair", report.name, err)
-                result.failed.append(f"{report.name}: removing the copy on {self.stores[index]!r} failed: {err}")
-            else:
-                result.removed += 1
-        return result
-
-    def repair_missing(self) -> RepairResult:
-        """Repair every item in `missing_copies` with ``repair_name(verify=True)``, and return the totals.
-
-        Verifying matters here because a failed overwrite can leave an old
-        copy of the same size as the new one.
-        """
-        with self._records_lock:
-            names = sorted({(record.name, record.deleted) for record in self.missing_copies})
-        total = RepairResult()
-        for name, deleted in names:
-            total.add(self.repair_name(name, deleted=deleted, verify=True))
-        return total
 
     # Facts
 

@@ -252,16 +252,19 @@ class Mount:
 
 
 def start_foreground_mount(
-    url: str, mountpoint: Path, log_path: Path, options: Sequence[str] = ()
+    url: str | None, mountpoint: Path, log_path: Path, options: Sequence[str] = ()
 ) -> subprocess.Popen[bytes]:
     """Start ``borgstorefs mount -f`` and return its process once the mount is in place.
+
+    A *url* of None leaves the URL out, for mounts whose *options* name the
+    stores (``--store`` or ``--config``).
 
     Fails the test with the daemon's log if the process exits first or the
     mount does not appear within `MOUNT_TIMEOUT`, after ending the process.
     """
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            borgstorefs_command("mount", "-f", *options, url, mountpoint),
+            borgstorefs_command("mount", "-f", *options, *([url] if url is not None else []), mountpoint),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -337,18 +340,19 @@ def mount(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
 
     ``mount(url, "-o", "ro", mountpoint=None)``: extra arguments go to
     ``borgstorefs mount -f`` before the URL, and the mountpoint defaults to a
-    fresh empty directory under *tmp_path*.
+    fresh empty directory under *tmp_path*. ``mount(None, "--store", ...)``
+    leaves the URL out, for several stores mounted as one.
     """
     mounts: list[Mount] = []
 
-    def start(url: str, *options: str, mountpoint: Path | None = None) -> Mount:
+    def start(url: str | None, *options: str, mountpoint: Path | None = None) -> Mount:
         number = len(mounts)
         if mountpoint is None:
             mountpoint = tmp_path / f"mnt{number}"
             mountpoint.mkdir()
         log_path = tmp_path / f"daemon{number}.log"
         process = start_foreground_mount(url, mountpoint, log_path, options)
-        result = Mount(url, mountpoint, process, log_path)
+        result = Mount(url if url is not None else " ".join(options), mountpoint, process, log_path)
         mounts.append(result)
         return result
 
@@ -433,24 +437,25 @@ def background_mount(tmp_path: Path) -> Iterator[Callable[..., BackgroundMount]]
 
     ``background_mount(url, *options, mountpoint=None, command=None)`` returns
     the exit status and the output; it does not assert success, so failure
-    cases can use it too. *command* replaces ``python -m borgstorefs``, for
-    example with the installed ``borgstorefs`` script. Teardown unmounts and
-    ends the daemon by PID.
+    cases can use it too. A *url* of None leaves the URL out, as in `mount`.
+    *command* replaces ``python -m borgstorefs``, for example with the
+    installed ``borgstorefs`` script. Teardown unmounts and ends the daemon by PID.
     """
     mountpoints: list[Path] = []
 
     def start(
-        url: str, *options: str, mountpoint: Path | None = None, command: Sequence[str] | None = None
+        url: str | None, *options: str, mountpoint: Path | None = None, command: Sequence[str] | None = None
     ) -> BackgroundMount:
         if mountpoint is None:
             mountpoint = tmp_path / f"bgmnt{len(mountpoints)}"
             mountpoint.mkdir()
         mountpoints.append(mountpoint)
         log_path = tmp_path / f"background{len(mountpoints)}.log"
+        urls = [url] if url is not None else []
         argv = (
-            [*command, "mount", *options, url, str(mountpoint)]
+            [*command, "mount", *options, *urls, str(mountpoint)]
             if command
-            else borgstorefs_command("mount", *options, url, mountpoint)
+            else borgstorefs_command("mount", *options, *urls, mountpoint)
         )
         # A file, not a pipe: the daemon may keep the inherited descriptors open
         # after the command returns, and a pipe would then never reach EOF.
@@ -463,7 +468,8 @@ def background_mount(tmp_path: Path) -> Iterator[Callable[..., BackgroundMount]]
                 pytest.fail(
                     f"{' '.join(argv)} did not return within {BACKGROUND_TIMEOUT:.0f} s:\n{log_path.read_text()}"
                 )
-        return BackgroundMount(url, mountpoint, status, log_path.read_text(errors="replace"))
+        description = url if url is not None else " ".join(options)
+        return BackgroundMount(description, mountpoint, status, log_path.read_text(errors="replace"))
 
     yield start
 

@@ -359,6 +359,55 @@ def test_partial_read_records_without_repair(store_paths: list[Path], open_mstor
     assert holders(store_paths[:2], "files/a") == [0, 1]
 
 
+requires_store_reader = pytest.mark.skipif(
+    not hasattr(Store, "open_reader"), reason="Store.open_reader is not in this tree yet"
+)
+
+
+@requires_store_reader
+def test_open_reader_uses_first_copy(store_paths: list[Path], open_mstore: Callable[..., MStore]) -> None:
+    mstore = open_mstore(store_paths[:2], [256, 256])
+    mstore.store("files/a", b"value")
+    with mstore.open_reader("files/a") as reader:
+        assert reader.size == 5
+        assert reader.read(1, 3) == b"alu"
+    assert mstore.missing_copies == set()
+
+
+@requires_store_reader
+def test_open_reader_falls_back_and_records(store_paths: list[Path], open_mstore: Callable[..., MStore]) -> None:
+    mstore = open_mstore(store_paths[:3], [256, 256, 256])
+    mstore.store("files/a", b"value")
+    (store_paths[0] / "files" / "a").unlink()
+    backend_of(mstore.stores[1]).down = True
+    with mstore.open_reader("files/a") as reader:
+        assert reader.read(0, 10) == b"value"
+    assert MissingCopy("files/a", False, 0) in mstore.missing_copies
+    assert MissingCopy("files/a", False, 1) in mstore.missing_copies
+    assert holders(store_paths[:1], "files/a") == [], "opening a reader must not repair"
+
+
+@requires_store_reader
+def test_open_reader_soft_deleted(store_paths: list[Path], open_mstore: Callable[..., MStore]) -> None:
+    mstore = open_mstore(store_paths[:2], [256, 256])
+    mstore.store("files/a", b"value")
+    mstore.move("files/a", delete=True)
+    with mstore.open_reader("files/a", deleted=True) as reader:
+        assert reader.read(0, 5) == b"value"
+    with pytest.raises(ObjectNotFound):
+        mstore.open_reader("files/a")
+
+
+@requires_store_reader
+def test_open_reader_expected_stores_down(store_paths: list[Path], open_mstore: Callable[..., MStore]) -> None:
+    mstore = open_mstore(store_paths[:2], [256, 256])
+    mstore.store("files/a", b"value")
+    for store in mstore.stores:
+        backend_of(store).down = True
+    with pytest.raises(BackendUnavailable):
+        mstore.open_reader("files/a")
+
+
 def test_repair_restores_every_missing_copy(store_paths: list[Path], open_mstore: Callable[..., MStore]) -> None:
     mstore = open_mstore(store_paths, THREE_WAY)
     names = [f"data/{hex_key(b)}" for b in range(0, 256, 5)] + ["config/main"] + [f"files/f{i}" for i in range(20)]
@@ -798,3 +847,10 @@ def test_sftp_posix_mirror_survives_sshd_stop(tmp_path: Path, request: pytest.Fi
 
 def holders_by_store(mstore: MStore, name: str) -> list[int]:
     return [index for index, store in enumerate(mstore.stores) if store.info(name).exists]
+
+
+def test_store_module_exports_mstore() -> None:
+    import borgstorefs.store
+
+    assert "MStore" in borgstorefs.store.__all__
+    assert borgstorefs.store.MStore is MStore
