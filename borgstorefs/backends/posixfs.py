@@ -123,12 +123,42 @@ def fsync_directory(path: Path) -> None:
 
 
 def copy_file_data(source_fd: int, target_fd: int) -> None:
-    """Copy a whole file between descriptors inside the kernel, without passing through Python."""
+    """Copy a whole file between descriptors inside the kernel, keeping its holes.
+
+    Only the data segments (``SEEK_DATA`` to ``SEEK_HOLE``) are copied and the
+    target is extended to the full size, so a sparse file stays sparse: a
+    1 TiB file with a few written blocks costs those blocks, not 1 TiB.
+    """
     size = os.fstat(source_fd).st_size
+    os.ftruncate(target_fd, size)
+    for start, end in data_segments(source_fd, size):
+        copy_range(source_fd, target_fd, start, end)
+
+
+def data_segments(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """Yield ``(start, end)`` byte ranges of *fd* that hold data; all of it where holes are not reported."""
     offset = 0
     while offset < size:
         try:
-            copied = os.copy_file_range(source_fd, target_fd, size - offset, offset, offset)
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno == errno.ENXIO:  # only a hole is left
+                return
+            if err.errno != errno.EINVAL:
+                raise
+            yield offset, size  # the file system does not report holes
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end
+        offset = end
+
+
+def copy_range(source_fd: int, target_fd: int, start: int, end: int) -> None:
+    """Copy bytes *start* to *end* between descriptors at the same offsets."""
+    offset = start
+    while offset < end:
+        try:
+            copied = os.copy_file_range(source_fd, target_fd, end - offset, offset, offset)
         except OSError as err:
             if err.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                 raise
@@ -136,8 +166,8 @@ def copy_file_data(source_fd: int, target_fd: int) -> None:
         if copied == 0:
             break
         offset += copied
-    while offset < size:
-        chunk = os.pread(source_fd, min(COPY_CHUNK_SIZE, size - offset), offset)
+    while offset < end:
+        chunk = os.pread(source_fd, min(COPY_CHUNK_SIZE, end - offset), offset)
         if not chunk:
             break
         offset += os.pwrite(target_fd, chunk, offset)
