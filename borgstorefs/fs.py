@@ -768,7 +768,9 @@ class FileSystem:
             node.cache_version = version
         handle = self._open_handle(node, state, flags)
         if writable and flags & os.O_TRUNC:
+            stored = not state.dirty or state.truncated_by_open
             await state.truncate(0)
+            state.truncated_by_open = stored
         return handle.number, keep_cache
 
     @staticmethod
@@ -823,7 +825,7 @@ class FileSystem:
     async def flush(self, fh: int) -> None:
         """Commit the file's changes if *fh* may write (every ``close``); errors reach the program."""
         handle = self._handle(fh)
-        if handle.writable:
+        if handle.writable and handle.state.commit_on_flush:
             await handle.state.commit()
 
     async def fsync(self, fh: int) -> None:
