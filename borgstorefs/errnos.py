@@ -70,6 +70,7 @@ QUIET_ERRNOS = frozenset(
         errno.EINVAL,
         errno.ENAMETOOLONG,
         errno.ENOSYS,
+        errno.ESTALE,
     }
 )
 """Errors that are the program's business (a missing file, a rule of the tree): logged at DEBUG only."""

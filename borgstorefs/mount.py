@@ -134,7 +134,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         help="with --store or --config: append each copy that a read finds missing to FILE, "
         "for 'borgstorefs mstore repair --missing-log FILE' (default: only logged as WARNING)",
     )
-    mount.add_argument("--log-file", metavar="PATH", help="append the daemon's log to PATH instead of stderr")
+    mount.add_argument(
+        "--log-file",
+        metavar="PATH",
+        help="append the daemon's log to PATH instead of stderr (a daemon in the background has no stderr)",
+    )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.set_defaults(handler=cmd_mount)
 
@@ -293,6 +297,11 @@ def _start_background(args: argparse.Namespace) -> int:
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
+            # The caller's stderr must not stay open for the daemon's lifetime:
+            # `out=$(borgstorefs mount ...)` would wait until the unmount.
+            # Errors before the mount travel through the readiness pipe, and
+            # the log goes to --log-file.
+            stderr=subprocess.DEVNULL,
             pass_fds=(write_end,),
             start_new_session=True,  # not stopped by the terminal's SIGINT or SIGHUP
         )
@@ -333,6 +342,10 @@ def _configure_daemon_logging(args: argparse.Namespace, *, quiet_until_ready: bo
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.raiseExceptions = False  # a daemon whose terminal went away must keep running
     logging.getLogger("pyfuse3").addFilter(demote_forgotten_release_replies)
+    if level > logging.DEBUG:
+        # paramiko logs a traceback for every dropped connection; the SFTP
+        # backend already logs each reconnect and retry in one line.
+        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
 
 
 def demote_forgotten_release_replies(record: logging.LogRecord) -> bool:

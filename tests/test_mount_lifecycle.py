@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -60,6 +61,21 @@ def test_background_daemon_detached(url: str, background_mount: Callable[..., Ba
 
     assert result.returncode == 0, result.output
     assert len(daemon_pids(result.path)) == 1
+
+
+def test_background_mount_releases_output(url: str, tmp_path: Path) -> None:
+    """``out=$(borgstorefs mount ...)`` returns: the daemon keeps no descriptor of the caller's pipes."""
+    mountpoint = tmp_path / "piped"
+    mountpoint.mkdir()
+    try:
+        result = subprocess.run(
+            borgstorefs_command("mount", url, mountpoint), stdin=subprocess.DEVNULL, capture_output=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        assert is_mounted(mountpoint)
+    finally:
+        if is_mounted(mountpoint):
+            subprocess.run(borgstorefs_command("umount", mountpoint), check=True, timeout=60)
 
 
 def test_installed_script_mounts(url: str, background_mount: Callable[..., BackgroundMount]) -> None:
