@@ -70,7 +70,7 @@ from .mstore_repair import STORE_FAILURES, CopyReport, MissingCopy, MStoreRepair
 from .mstore_writes import MStoreWrites, chunked_stream
 from .names import split_name, validate_namespace
 from .nesting import Levels
-from .store import STATS_OPERATIONS, StagedItem, Store
+from .store import STATS_OPERATIONS, StagedDelegate, StagedItem, Store
 
 if TYPE_CHECKING:
     from .backends import ValueReader
@@ -107,7 +107,7 @@ FAILURE_LOG_INTERVAL = 60.0
 # Staging
 
 
-class MStagedItem:
+class MStagedItem(StagedDelegate):
     """A value being written to an `MStore`, invisible until `commit`, with the `StagedItem` interface.
 
     The value is staged on one store (the first expected store, or with
@@ -117,27 +117,9 @@ class MStagedItem:
     """
 
     def __init__(self, mstore: MStore, name: str, store_index: int, staged: StagedItem) -> None:
-        self.name = name
+        super().__init__(name, staged)
         self.store_index = store_index
         self._mstore = mstore
-        self._staged = staged
-
-    @property
-    def size(self) -> int:
-        """Current size of the staged value in bytes."""
-        return self._staged.size
-
-    def write(self, offset: int, data: bytes) -> int:
-        """Write *data* at *offset*; a gap past the end reads as zeros."""
-        return self._staged.write(offset, data)
-
-    def read(self, offset: int, size: int) -> bytes:
-        """Return up to *size* bytes from *offset* of the staged value."""
-        return self._staged.read(offset, size)
-
-    def truncate(self, size: int) -> None:
-        """Cut or zero-extend the staged value to *size* bytes."""
-        self._staged.truncate(size)
 
     def commit(self, name: str | None = None, *, mtime_ns: int | None = None, durable: bool = False) -> None:
         """Store the value as *name* (default: the staged name) on every store that should hold it.
@@ -146,16 +128,6 @@ class MStagedItem:
         value is used up either way.
         """
         self._mstore._commit_staged(self, name if name is not None else self.name, mtime_ns, durable)
-
-    def discard(self) -> None:
-        """Drop the staged value; the stored item, if any, is unchanged."""
-        self._staged.discard()
-
-    def __enter__(self) -> MStagedItem:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.discard()
 
 
 # The multi-store

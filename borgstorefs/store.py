@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
-from typing import BinaryIO, ParamSpec, TypeVar
+from typing import BinaryIO, ParamSpec, Self, TypeVar
 
 from .backends import Backend, ItemInfo, PosixFS, SpaceInfo, StagedValue, ValueReader, get_backend, redact_url
 from .errors import (
@@ -94,17 +94,16 @@ T = TypeVar("T")
 STATS_OPERATIONS = ("info", "load", "store", "delete", "move", "list")
 
 
-class StagedItem:
-    """A value being written to a store, invisible until `commit` (see `Store.stage`).
+class StagedDelegate:
+    """Base of the staged items of `Store` and `MStore`: random access to a value being written.
 
-    Not thread-safe: the owner serializes calls. `commit` looks the target up
-    when it runs, so an item renamed while it was written lands under its new
-    name.
+    Subclasses provide `commit`. *staged* is the underlying staged value
+    (a backend `StagedValue` or a `StagedItem`). Not thread-safe: the owner
+    serializes calls.
     """
 
-    def __init__(self, store: Store, name: str, staged: StagedValue) -> None:
+    def __init__(self, name: str, staged: StagedValue | StagedItem) -> None:
         self.name = name
-        self._store = store
         self._staged = staged
 
     @property
@@ -124,6 +123,29 @@ class StagedItem:
         """Cut or zero-extend the staged value to *size* bytes."""
         self._staged.truncate(size)
 
+    def discard(self) -> None:
+        """Drop the staged value; the stored item, if any, is unchanged."""
+        self._staged.discard()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.discard()
+
+
+class StagedItem(StagedDelegate):
+    """A value being written to a store, invisible until `commit` (see `Store.stage`).
+
+    Not thread-safe: the owner serializes calls. `commit` looks the target up
+    when it runs, so an item renamed while it was written lands under its new
+    name.
+    """
+
+    def __init__(self, store: Store, name: str, staged: StagedValue) -> None:
+        super().__init__(name, staged)
+        self._store = store
+
     def commit(self, name: str | None = None, *, mtime_ns: int | None = None, durable: bool = False) -> None:
         """Store the value as *name* (default: the name it was staged for), replacing any old value."""
         target = name if name is not None else self.name
@@ -131,16 +153,6 @@ class StagedItem:
         size = self._staged.size
         with self._store._operation("store", f"commit({target!r})", size):
             self._staged.commit(nested_name, mtime_ns=mtime_ns, durable=durable)
-
-    def discard(self) -> None:
-        """Drop the staged value; the stored item, if any, is unchanged."""
-        self._staged.discard()
-
-    def __enter__(self) -> StagedItem:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.discard()
 
 
 class StoreReader(ValueReader):
