@@ -752,13 +752,19 @@ class FileSystem:
         if (state is None or not state.dirty) and not self._fresh(node):
             # Also with handles open: `prepare_read` compares the reader they share with these attributes.
             await self.getattr(ino)
+        # Looked up again after the await, and reserved before the next one: a
+        # release that runs meanwhile drops a state without handles from
+        # `_files`, and a handle on a dropped state would miss every later commit.
+        state = self._files.get(node.ino)
         if state is None:
             state = FileState(self.store, self.runner, node, spawn=self.spawn)
             self._files[node.ino] = state
+        state.handles += 1
         if not state.dirty and flags & os.O_ACCMODE != os.O_WRONLY and not flags & os.O_TRUNC:
             try:
                 await state.prepare_read(self._mtime_resolution)
             except BaseException:
+                state.handles -= 1
                 if state.handles == 0 and self._files.get(node.ino) is state:
                     del self._files[node.ino]
                 raise
@@ -766,7 +772,7 @@ class FileSystem:
         keep_cache = not state.dirty and node.cache_version == version
         if not state.dirty:
             node.cache_version = version
-        handle = self._open_handle(node, state, flags)
+        handle = self._open_handle(node, state, flags, reserved=True)
         if writable and flags & os.O_TRUNC:
             stored = not state.dirty or state.truncated_by_open
             await state.truncate(0)
@@ -785,7 +791,8 @@ class FileSystem:
         """
         return flags & os.O_ACCMODE == os.O_WRONLY
 
-    def _open_handle(self, node: Node, state: FileState, flags: int) -> FileHandle:
+    def _open_handle(self, node: Node, state: FileState, flags: int, *, reserved: bool = False) -> FileHandle:
+        """Register a handle on *state*; *reserved* means the caller already counted it in ``state.handles``."""
         number = FileHandleNo(next(self._numbers))
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         handle = FileHandle(
@@ -798,7 +805,8 @@ class FileSystem:
             spawn=self.spawn,
         )
         self._handles[number] = handle
-        state.handles += 1
+        if not reserved:
+            state.handles += 1
         self.inodes.opened(node)
         return handle
 

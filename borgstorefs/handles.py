@@ -394,9 +394,6 @@ class FileState:
                 self.node.fetched = 0.0  # the stored attributes are unknown now
                 raise
             self._reset_clean()
-            # NOTE: on a real mount, a read-only descriptor opened before another
-            # process rewrote and closed the file often still reads the old value
-            # afterwards; the model without FUSE does not (test_reader_sees_closed_write).
             await self._retire_reader()  # the next clean read opens the committed value
             self.node.size, self.node.mtime_ns, self.node.fetched = info.size, info.mtime_ns or 0, time.monotonic()
             logger.debug("committed %r: %d bytes%s", name, info.size, " (durable)" if durable else "")

@@ -395,11 +395,6 @@ def test_two_writers_same_file(mounted: Mount) -> None:
     assert load(mounted, "ns/shared") == b"AAAABBBBCCCC"
 
 
-@pytest.mark.xfail(
-    reason="a descriptor opened before another process rewrote and closed the file "
-    "still reads the old value in most runs; the file system model alone reads the new one",
-    strict=False,
-)
 def test_reader_sees_closed_write(mounted: Mount) -> None:
     path = mounted.path / "ns" / "file"
     write_file(path, b"old value")
