@@ -161,7 +161,7 @@ class FileSystem:
         self.runner = runner or StoreRunner()
         self.inodes = InodeTable()
         self.invalidate_entry: Callable[[InodeNo, bytes], None] = _ignore_invalidation
-        """Set by the adapter: asks the kernel to drop a cached directory entry."""
+        """Set by the adapter: invalidates a cached directory entry in the kernel."""
         self.spawn: Callable[..., object] | None = None
         """A nursery's ``start_soon`` for writes behind (see `FileState`); None writes synchronously."""
         self._files: dict[InodeNo, FileState] = {}
@@ -696,7 +696,7 @@ class FileSystem:
             self._mark_unlinked(replaced)
 
     async def symlink(self) -> None:
-        """Refuse: the store holds no symbolic links (EPERM)."""
+        """Refuse: the store has no symbolic links (EPERM)."""
         raise FSError(errno.EPERM, "symbolic links are not supported")
 
     async def link(self) -> None:
@@ -704,7 +704,7 @@ class FileSystem:
         raise FSError(errno.EPERM, "hard links are not supported")
 
     async def mknod(self) -> None:
-        """Refuse: the store holds no device nodes, pipes or sockets (EPERM)."""
+        """Refuse: the store has no device nodes, pipes or sockets (EPERM)."""
         raise FSError(errno.EPERM, "special files are not supported")
 
     # Files

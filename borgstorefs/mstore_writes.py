@@ -370,7 +370,7 @@ class MStoreWrites:
     def remove_namespace(self, namespace: str) -> None:
         """Remove an empty *namespace* from every store.
 
-        Raises `DirectoryNotEmpty` if any store holds a live or soft-deleted
+        Raises `DirectoryNotEmpty` if any store contains a live or soft-deleted
         item in it, and `ObjectNotFound` if no store has it.
         """
         for deleted in (False, True):

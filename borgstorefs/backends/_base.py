@@ -1,7 +1,7 @@
 """The backend contract: the operations a `Store` needs from a place that stores files.
 
 A backend maps *nested names* (``data/01/23/0123abcd``, already nested by the
-store) to values. It knows nothing of namespaces, levels or soft deletion, but
+store) to values. It has no notion of namespaces, levels or soft deletion, but
 it checks every name again with `validate_backend_name`, so that no caller can
 address a path outside its base location.
 

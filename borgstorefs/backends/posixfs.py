@@ -257,7 +257,7 @@ class PosixReader(ValueReader):
                 raise
         self._size = st.st_size
         self._mtime_ns = st.st_mtime_ns
-        # The descriptor is closed by whoever ends the last use: `close`, or
+        # The descriptor is closed by the call that ends the last use: `close`, or
         # the last read that ran while `close` was called. Closing it under a
         # running pread could let a new file reuse the number for that read.
         self._lock = threading.Lock()

@@ -10,7 +10,7 @@ request. It relies on `SFTPClient._async_request`, `_read_response` and
 `SessionPool` hands each thread a session of its own (a paramiko session is
 not safe for concurrent requests) over one SSH connection, and reconnects
 when that connection is lost. `Retrier` repeats an operation on a fresh
-connection when `is_connection_lost` says the error was the network's.
+connection when `is_connection_lost` reports that the error was the network's.
 """
 
 from __future__ import annotations
