@@ -143,6 +143,7 @@ class _Directory:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.entries: list[_Listing] | None = None
+        self.listed_at = 0.0  # time.monotonic() when the entries were read from the store
 
 
 class FileSystem:
@@ -406,6 +407,7 @@ class FileSystem:
         if directory is None:
             raise FSError(errno.EBADF, f"directory handle {dh} is not open")
         if directory.entries is None or start == 0:
+            directory.listed_at = time.monotonic()
             directory.entries = await self._list(directory.node)
         return self._entries_from(directory, start)
 
@@ -435,11 +437,13 @@ class FileSystem:
         """Count the kernel lookup that replying with *entry* (from `readdir` of *dh*) made."""
         if not entry.counted:
             return
-        listing = self._directories[dh].entries[entry.next_offset - 3]  # type: ignore[index]
+        directory = self._directories[dh]
+        listing = directory.entries[entry.next_offset - 3]  # type: ignore[index]
         node = self.inodes.add(listing.kind, listing.namespace, listing.key)
         self.inodes.remember(node)
         if not listing.kind.is_directory and node.ino not in self._files:
-            node.size, node.mtime_ns, node.fetched = entry.attributes.size, entry.attributes.mtime_ns, time.monotonic()
+            attributes = entry.attributes
+            node.size, node.mtime_ns, node.fetched = attributes.size, attributes.mtime_ns, directory.listed_at
 
     async def releasedir(self, dh: int) -> None:
         """Close directory handle *dh*."""

@@ -41,7 +41,7 @@ from .errnos import FSError
 from .errors import ObjectNotFound
 from .inodes import Node, NodeKind
 from .store import ItemInfo, StagedItem, Store, ValueReader
-from .workers import StoreRunner
+from .workers import QuickLock, StoreRunner
 
 __all__ = [
     "READ_WINDOW_MAX",
@@ -69,6 +69,9 @@ WRITE_BUFFER_MAX = 8 * 1024 * 1024
 
 QUICK_READ_MAX = 128 * 1024
 """Loads up to this many bytes count as quick store calls (see `StoreRunner.run_quick`)."""
+
+QUICK_COMMIT_MAX = 128 * 1024
+"""Commits of values up to this many bytes, none of them staged yet, count as quick store calls."""
 
 DIRECT_WRITE_MIN = 256 * 1024
 """Writes of at least this many bytes go to the staged value at once instead of the buffer."""
@@ -112,7 +115,7 @@ class FileState:
         self._store = store
         self._runner = runner
         self._spawn = spawn
-        self.lock = trio.Lock()
+        self.lock = QuickLock()
         self.handles = 0
         self.unlinked = False
         self.version = 0
@@ -123,7 +126,7 @@ class FileState:
         self._in_flight: trio.Event | None = None
         self._failure: BaseException | None = None
         self._reader: _SharedReader | None = None
-        self._reader_lock = trio.Lock()
+        self._reader_lock = QuickLock()
         self._can_open_reader = callable(getattr(store, "open_reader", None))
         self.explicit_mtime = False
         self.dirty = new
@@ -321,6 +324,9 @@ class FileState:
                 await self._close_reader(shared)
 
     async def _current_reader(self) -> _SharedReader:
+        current = self._reader
+        if current is not None:
+            return current  # set and cleared only under the lock, read here in the same thread
         async with self._reader_lock:
             if self._reader is None:
                 if self.handles == 0:
@@ -385,8 +391,11 @@ class FileState:
                 return
             mtime_ns = self.mtime_ns if self.explicit_mtime else None
             name = self.node.store_name
+            # A small value that is still in the buffer takes a few system calls to store on a local disk.
+            quick = not durable and self._staged is None and self.size <= QUICK_COMMIT_MAX
+            run = self._runner.run_quick if quick else self._runner.run
             try:
-                info = await self._runner.run(self._commit_staged, name, mtime_ns, durable)
+                info = await run(self._commit_staged, name, mtime_ns, durable)
             except BaseException as error:
                 if isinstance(error, Exception):
                     self._failure = error
@@ -524,7 +533,7 @@ class FileHandle:
         self._store = store
         self._runner = runner
         self._spawn = spawn
-        self._lock = trio.Lock()
+        self._lock = QuickLock()
         self._window = b""
         self._window_offset = 0
         self._window_version = -1

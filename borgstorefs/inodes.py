@@ -154,9 +154,12 @@ class InodeTable:
             return self.root
         if kind == NodeKind.TRASH_ROOT:
             return self.trash_root
-        identity = (kind, namespace, key)
-        node = self._nodes.get(_derived_inode(identity))
-        if node is not None and node.attached and node.identity == identity:
+        return self._find((kind, namespace, key), _derived_inode((kind, namespace, key)))
+
+    def _find(self, identity: Identity, derived: InodeNo) -> Node | None:
+        # Called once per directory entry listed: fields are compared without building a tuple.
+        node = self._nodes.get(derived)
+        if node is not None and node.attached and (node.kind, node.namespace, node.key) == identity:
             return node
         alias = self._aliases.get(identity)
         return self._nodes[alias] if alias is not None else None
@@ -166,23 +169,26 @@ class InodeTable:
         node = self.find(kind, namespace, key)
         if node is not None:
             return node.ino
-        return self._free_inode((kind, namespace, key))
+        return self._free_inode(_derived_inode((kind, namespace, key)))
 
     def add(self, kind: NodeKind, namespace: str, key: str) -> Node:
         """Return the attached node with this identity, made if needed; lookup counts are not changed."""
-        node = self.find(kind, namespace, key)
+        if kind in (NodeKind.ROOT, NodeKind.TRASH_ROOT):
+            return self.root if kind == NodeKind.ROOT else self.trash_root
+        identity = (kind, namespace, key)
+        derived = _derived_inode(identity)
+        node = self._find(identity, derived)
         if node is not None:
             return node
-        identity = (kind, namespace, key)
-        ino = self._free_inode(identity)
+        ino = self._free_inode(derived)
         node = Node(ino, kind, namespace, key)
         self._nodes[ino] = node
-        if ino != _derived_inode(identity):
+        if ino != derived:
             self._aliases[identity] = ino
         return node
 
-    def _free_inode(self, identity: Identity) -> InodeNo:
-        ino = _derived_inode(identity)
+    def _free_inode(self, derived: InodeNo) -> InodeNo:
+        ino = derived
         while ino in self._nodes:
             ino = _next_probe(ino)
         return ino

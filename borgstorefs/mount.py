@@ -20,15 +20,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import cast
+from typing import NamedTuple, cast
 from urllib.parse import quote
 
 from .backends import PosixFS, redact_url
@@ -48,6 +49,14 @@ FSTYPE = "fuse.borgstorefs"
 """File system type shown by ``mount`` and ``findmnt`` (FUSE prefixes the subtype)."""
 
 DEFAULT_TIMEOUT = 10.0
+
+DEFAULT_READ_AHEAD_KIB = 1024
+"""Kernel read-ahead for the mount, in KiB (``-o read_ahead=KIB``).
+
+The kernel gives a FUSE mount 128 KiB, so a sequential reader reaches the
+daemon as 128 KiB requests. At 1 MiB, the largest request libfuse 3 accepts,
+a 1 GiB read takes half as long on a local store.
+"""
 """Default attribute, entry and negative-entry cache timeout in seconds.
 
 Long enough that ``ls -l`` and a repeated ``rsync`` are answered from the
@@ -117,7 +126,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         metavar="OPTION[,OPTION...]",
         help="mount options: ro, rw, allow_other, allow_root, debug (libfuse's own request log), "
         "attr_timeout=SECONDS, entry_timeout=SECONDS, negative_timeout=SECONDS (default "
-        f"{DEFAULT_TIMEOUT:g} each), threads=N (store calls at once, default {DEFAULT_THREADS}), "
+        f"{DEFAULT_TIMEOUT:g} each), read_ahead=KIB (kernel read-ahead, default {DEFAULT_READ_AHEAD_KIB}; "
+        "0 keeps the kernel's), threads=N (store calls at once, default {DEFAULT_THREADS}), "
         "inline_quick or threaded_quick (run quick store calls, metadata and reads up to 128 KiB, in the "
         "request loop or in worker threads; default: inline for file:// stores), "
         "and the generic noatime, nodev, nosuid, noexec, sync, dirsync",
@@ -159,6 +169,7 @@ class MountSettings:
         self.timeouts = {"attr_timeout": DEFAULT_TIMEOUT, "entry_timeout": DEFAULT_TIMEOUT}
         self.timeouts["negative_timeout"] = DEFAULT_TIMEOUT
         self.threads = DEFAULT_THREADS
+        self.read_ahead_kib = DEFAULT_READ_AHEAD_KIB
         self.inline_quick: bool | None = None  # None: inline for local (file://) stores
         self.fuse_options: set[str] = set()
         for option in (part for arg in option_args for part in arg.split(",") if part):
@@ -176,6 +187,8 @@ class MountSettings:
             self.timeouts[name] = _parse_number(option, value, float, 0)
         elif equals and name == "threads":
             self.threads = int(_parse_number(option, value, int, 1))
+        elif equals and name == "read_ahead":
+            self.read_ahead_kib = int(_parse_number(option, value, int, 0))
         elif equals and name == "max_read":
             self.fuse_options.add(f"max_read={_parse_number(option, value, int, 4096)}")
         elif option in ("default_permissions", "fsname", "subtype") or name in ("fsname", "subtype"):
@@ -384,6 +397,8 @@ def run_daemon(
 
     from .fuse_ops import Operations
 
+    # Resolved before mounting: resolving the mountpoint afterwards would wait for this daemon.
+    mountpoint = os.path.realpath(args.mountpoint)
     store = _open_store(args, spec)
     options = FSOptions(
         read_only=settings.read_only,
@@ -405,7 +420,7 @@ def run_daemon(
     if ready_fd is not None:
         os.chdir("/")  # a background daemon must not keep a directory busy
     try:
-        trio.run(_serve, fs, ready_fd)
+        trio.run(_serve, fs, ready_fd, functools.partial(_tune, mountpoint, settings))
     finally:
         pyfuse3.close(unmount=True)
         store.close()
@@ -507,7 +522,23 @@ def _captured_stderr() -> Iterator[tempfile._TemporaryFileWrapper[bytes]]:
         capture.seek(0)
 
 
-async def _serve(fs: FileSystem, ready_fd: int | None) -> None:
+async def _tune(mountpoint: str, settings: MountSettings) -> None:
+    """Apply the settings that the kernel only takes after the mount's first request (FUSE's INIT)."""
+    import trio
+
+    if not settings.read_ahead_kib:
+        return
+    try:
+        # The kernel holds every request until INIT is answered, and INIT's
+        # reply resets the read-ahead: once this stat returns, a setting stays.
+        await trio.to_thread.run_sync(os.stat, mountpoint)
+    except OSError as err:
+        logger.info("cannot set read-ahead of %s: %s", mountpoint, err)
+        return
+    set_read_ahead(mountpoint, settings.read_ahead_kib)
+
+
+async def _serve(fs: FileSystem, ready_fd: int | None, tune: Callable[[], Awaitable[None]]) -> None:
     import pyfuse3
     import trio
 
@@ -517,15 +548,21 @@ async def _serve(fs: FileSystem, ready_fd: int | None) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(_stop_on_signal)
-                if ready_fd is not None:
-                    _report_ready(ready_fd, "ok")
-                    _enable_log_output()
+                nursery.start_soon(_tune_then_report, tune, ready_fd)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
         finally:
             # Also when the request loop failed: what programs wrote must reach the store.
             with trio.CancelScope(shield=True):
                 await fs.shutdown()
+
+
+async def _tune_then_report(tune: Callable[[], Awaitable[None]], ready_fd: int | None) -> None:
+    # Ready only once tuned: a file opened before keeps the kernel's read-ahead.
+    await tune()
+    if ready_fd is not None:
+        _report_ready(ready_fd, "ok")
+        _enable_log_output()
 
 
 async def _stop_on_signal(task_status: object) -> None:
@@ -543,21 +580,51 @@ async def _stop_on_signal(task_status: object) -> None:
 # Unmounting
 
 
-def mount_entry(path: str) -> tuple[str, str] | None:
-    """Return ``(fstype, source)`` of the topmost mount on *path*, or None.
+class MountEntry(NamedTuple):
+    fstype: str
+    source: str
+    device: str
+    """``major:minor`` of the mount, as ``/sys/class/bdi`` names it."""
+
+
+def mount_entry(path: str) -> MountEntry | None:
+    """Return the topmost mount on *path*, or None.
 
     Reads ``/proc/self/mountinfo``, so it also finds a mount whose daemon died.
     """
-    target = os.path.realpath(path)
+    return _entry_at(os.path.realpath(path))
+
+
+def _entry_at(target: str) -> MountEntry | None:
+    # Never calls stat on target: a daemon that is not serving yet would never answer.
     found = None
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as file:
         for line in file:
             before, _, after = line.partition(" - ")
-            mountpoint = _unescape(before.split(" ")[4])
-            if mountpoint == target:
+            fields = before.split(" ")
+            if _unescape(fields[4]) == target:
                 fstype, source = after.split(" ")[:2]
-                found = (fstype, _unescape(source))
+                found = MountEntry(fstype, _unescape(source), fields[2])
     return found
+
+
+def set_read_ahead(mountpoint: str, kib: int) -> None:
+    """Set the kernel's read-ahead for the mount on *mountpoint*, a resolved path, to *kib* KiB.
+
+    Only root may write the setting; a failure only costs sequential read
+    speed, so it is logged and the mount goes on.
+    """
+    entry = _entry_at(mountpoint)
+    if entry is None:
+        logger.warning("cannot set read-ahead: %s is not in the mount table", mountpoint)
+        return
+    setting = Path("/sys/class/bdi", entry.device, "read_ahead_kb")
+    try:
+        setting.write_text(f"{kib}\n")
+    except OSError as err:
+        logger.info("kept the kernel's read-ahead for %s: cannot write %s: %s", mountpoint, setting, err)
+    else:
+        logger.debug("read-ahead of %s set to %d KiB", mountpoint, kib)
 
 
 def _unescape(text: str) -> str:
@@ -574,8 +641,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if entry is None:
         print(f"borgstorefs umount: error: {path} is not mounted", file=sys.stderr)
         return EXIT_ERROR
-    if entry[0] != FSTYPE:
-        print(f"borgstorefs umount: error: {path} is a {entry[0]} mount, not {FSTYPE}", file=sys.stderr)
+    if entry.fstype != FSTYPE:
+        print(f"borgstorefs umount: error: {path} is a {entry.fstype} mount, not {FSTYPE}", file=sys.stderr)
         return EXIT_ERROR
     result = _fusermount("-u", path)
     if result.returncode != 0 and _is_disconnected(path):

@@ -17,6 +17,8 @@ directory and leave the suffixes free for the store's own bookkeeping.
 
 from __future__ import annotations
 
+import re
+
 ROOTNS = ""
 """The root namespace: items whose name has no ``namespace/`` part."""
 
@@ -57,7 +59,21 @@ def validate_key(key: str, *, what: str = "key") -> None:
         raise ValueError(f"invalid {what} {key!r}: {problem}")
 
 
+_PLAIN_KEY = re.compile(r"[!-.0-@\[\]-~]+")
+"""Keys made only of allowed characters: printable ASCII without space, uppercase, ``/`` or backslash."""
+
+
 def _key_problem(key: str) -> str | None:
+    # The common case passes in one regular expression match; the checks
+    # below only run to name the problem.
+    if (
+        len(key) <= MAX_KEY_LENGTH
+        and _PLAIN_KEY.fullmatch(key)
+        and ".." not in key
+        and not key.startswith(".")
+        and not key.endswith((DEL_SUFFIX, TMP_SUFFIX))
+    ):
+        return None
     if not key:
         return "must not be empty"
     if len(key) > MAX_KEY_LENGTH:

@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
@@ -552,15 +552,20 @@ class Store:
             self._stats["list_time"] += elapsed
         logger.debug("list(%r, deleted=%s): %d items in %.1f ms", namespace, deleted, count, elapsed / 1e6)
 
-    def _list_directory(self, directory: str, depth: int, max_depth: int, deleted: bool) -> Iterator[ItemInfo]:
+    def _list_directory(self, directory: str, depth: int, max_depth: int, deleted: bool) -> Iterable[ItemInfo]:
         if self._latency:
             time.sleep(self._latency)
         entries = list(self.backend.list(directory))
-        items = (_listed_item(entry, deleted) for entry in entries if not entry.directory)
-        here = (item for item in items if item is not None)
+        if deleted:
+            items = [
+                entry._replace(name=entry.name.removesuffix(DEL_SUFFIX))
+                for entry in entries
+                if not entry.directory and entry.name.endswith(DEL_SUFFIX)
+            ]
+        else:
+            items = [entry for entry in entries if not entry.directory and not entry.name.endswith(DEL_SUFFIX)]
         if depth >= max_depth:
-            yield from here
-            return
+            return items
         prefix = f"{directory}/" if directory else ""
         below = chain.from_iterable(
             self._list_directory(prefix + entry.name, depth + 1, max_depth, deleted)
@@ -569,7 +574,7 @@ class Store:
         )
         # Keys in this directory and keys in nesting directories below it
         # interleave when a namespace mixes levels; both streams are sorted.
-        yield from heapq.merge(here, below, key=lambda info: info.name)
+        return heapq.merge(items, below, key=_name_of)
 
     # Backend facts
 
@@ -597,12 +602,8 @@ class _Operation:
     volume: int
 
 
-def _listed_item(entry: ItemInfo, deleted: bool) -> ItemInfo | None:
-    """Return the listing entry of a backend file, or None if *deleted* excludes it."""
-    is_deleted = entry.name.endswith(DEL_SUFFIX)
-    if is_deleted != deleted:
-        return None
-    return entry._replace(name=entry.name.removesuffix(DEL_SUFFIX)) if is_deleted else entry
+def _name_of(info: ItemInfo) -> str:
+    return info.name
 
 
 # MStore is a public name of this module, imported on first access because borgstorefs.mstore imports this module.

@@ -273,3 +273,25 @@ def test_kill_umount_cycles(url: str, tmp_path: Path, mount: Callable[..., Mount
         run(*command, mountpoint)
         assert not is_mounted(mountpoint), cycle
         assert os.listdir(mountpoint) == [], cycle
+
+
+def _read_ahead_kib(mountpoint: Path) -> int:
+    device = os.stat(mountpoint).st_dev
+    return int(Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb").read_text())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may change a mount's read-ahead")
+def test_background_mount_raises_read_ahead(url: str, background_mount: Callable[..., BackgroundMount]) -> None:
+    result = background_mount(url)
+    assert result.returncode == 0, result.output
+
+    # Set before the mount command returns, so the first file opened already uses it.
+    assert _read_ahead_kib(result.path) == 1024
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may change a mount's read-ahead")
+def test_read_ahead_option(url: str, background_mount: Callable[..., BackgroundMount]) -> None:
+    result = background_mount(url, "-o", "read_ahead=256")
+    assert result.returncode == 0, result.output
+
+    assert _read_ahead_kib(result.path) == 256

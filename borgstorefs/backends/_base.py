@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
@@ -50,6 +51,10 @@ class SpaceInfo(NamedTuple):
     available: int
 
 
+_PLAIN_BACKEND_NAME = re.compile(r"[!-.0-\[\]-~]+(?:/[!-.0-\[\]-~]+)*")
+"""Printable ASCII components without whitespace or backslash, joined by single ``/``."""
+
+
 def validate_backend_name(name: str, *, base_allowed: bool = False) -> None:
     """Raise `TypeError` or `ValueError` unless *name* is a safe relative path.
 
@@ -64,6 +69,8 @@ def validate_backend_name(name: str, *, base_allowed: bool = False) -> None:
         if base_allowed:
             return
         raise ValueError("backend name must not be empty")
+    if _PLAIN_BACKEND_NAME.fullmatch(name) and ".." not in name and "/./" not in f"/{name}/":
+        return  # the common case in one match; the checks below name the problem
     if not name.isascii() or not name.isprintable() or any(c.isspace() for c in name):
         raise ValueError(f"invalid backend name {name!r}: must be printable ASCII without whitespace")
     if "\\" in name:
