@@ -297,13 +297,13 @@ class Store:
         found: set[int] = set()
         directory, depth = namespace, 0
         while True:
-            entries = list(self.backend.list(directory))
-            if any(not entry.directory for entry in entries):
+            entries = self.backend.list_kinds(directory)
+            if any(not is_directory for _, is_directory in entries):
                 found.add(depth)
-            subdirs = [entry.name for entry in entries if entry.directory and is_nesting_dir(entry.name)]
+            subdirs = [name for name, is_directory in entries if is_directory and is_nesting_dir(name)]
             if not subdirs or depth == MAX_LEVEL:
                 break
-            directory, depth = f"{directory}/{subdirs[0]}", depth + 1
+            directory, depth = f"{directory}/{min(subdirs)}", depth + 1
         if depth > 0:
             found.add(depth)  # the depth of the nesting directories, even where they are still empty
         return tuple(sorted(found))

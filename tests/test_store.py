@@ -425,3 +425,15 @@ def test_borgstore_layout(tmp_path: Path) -> None:
     assert len(list((tmp_path / "store/data").iterdir())) == 256
     assert (tmp_path / "store/data" / key[:2] / key).read_bytes() == b"x"
     assert (tmp_path / "store/config/main.del").read_bytes() == b"y"
+
+
+def test_list_kinds_matches_list(store: Store) -> None:
+    store.store("data/00000000", b"x")
+    store.store("settings", b"y")
+    store.move("settings", delete=True)
+
+    listed = {(entry.name, entry.directory) for entry in store.backend.list("")}
+
+    assert set(store.backend.list_kinds("")) == listed
+    assert ("data", True) in listed
+    assert ("settings.del", False) in listed

@@ -375,6 +375,14 @@ class Backend(ABC):
         costs no request per entry. `ObjectNotFound` if the directory is missing.
         """
 
+    def list_kinds(self, name: str) -> list[tuple[str, bool]]:
+        """Return ``(name, is_directory)`` of each entry of directory *name*, in no particular order.
+
+        For callers that need no sizes: backends that must ask for each
+        entry's size separately override it to skip that.
+        """
+        return [(entry.name, entry.directory) for entry in self.list(name)]
+
     def set_mtime(self, name: str, mtime_ns: int) -> None:  # noqa: B027 (optional, not abstract)
         """Set the modification time of item *name*; backends without mtimes ignore it."""
 

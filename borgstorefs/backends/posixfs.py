@@ -386,6 +386,17 @@ class PosixFS(Backend):
         infos.sort(key=_by_name)  # names are unique: comparing whole tuples would only cost time
         return iter(infos)
 
+    def list_kinds(self, name: str) -> list[tuple[str, bool]]:
+        self._check_open()
+        path = self.path_of(name, base_allowed=True)
+        # The entry types come with the directory read (d_type): no stat per entry.
+        with translate_os_errors(name), os.scandir(path) as entries:
+            return [
+                (entry.name, entry.is_dir(follow_symlinks=False))
+                for entry in entries
+                if not entry.name.endswith(TMP_SUFFIX)
+            ]
+
     # Items
 
     def info(self, name: str) -> ItemInfo:
