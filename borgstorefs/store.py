@@ -24,8 +24,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
 from itertools import chain
 from typing import BinaryIO, ParamSpec, Self, TypeVar
 
@@ -347,16 +345,15 @@ class Store:
 
     # Statistics
 
-    @contextmanager
-    def _operation(self, kind: str, description: str, volume: int = 0) -> Iterator[_Operation]:
-        """Count, time and log one backend operation, and emulate latency and bandwidth.
+    def _operation(self, kind: str, description: str, volume: int = 0) -> _Operation:
+        """Return a context that counts, times and logs one backend operation, and emulates latency and bandwidth.
 
-        The caller sets the yielded record's ``volume`` when the size is known only afterwards.
+        The caller sets the context's ``volume`` when the size is known only
+        afterwards. An operation that raises is neither counted nor logged.
         """
-        start = time.perf_counter_ns()
-        operation = _Operation(volume)
-        yield operation
-        volume = operation.volume
+        return _Operation(self, kind, description, volume)
+
+    def _finish_operation(self, kind: str, description: str, volume: int, start: int) -> None:
         emulated = self._latency + (volume / self._bandwidth if self._bandwidth else 0.0)
         if emulated:
             remaining = emulated - (time.perf_counter_ns() - start) / 1e9
@@ -597,9 +594,29 @@ class Store:
             raise ObjectAlreadyExists(name, f"cannot move {name!r}: the target exists") from err
 
 
-@dataclass
 class _Operation:
-    volume: int
+    """One backend operation in progress (see `Store._operation`).
+
+    A class rather than a generator-based context manager, because a mount
+    runs one per request and the generator machinery costs microseconds.
+    """
+
+    __slots__ = ("_description", "_kind", "_start", "_store", "volume")
+
+    def __init__(self, store: Store, kind: str, description: str, volume: int) -> None:
+        self._store = store
+        self._kind = kind
+        self._description = description
+        self.volume = volume
+        self._start = 0
+
+    def __enter__(self) -> _Operation:
+        self._start = time.perf_counter_ns()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if exc_type is None:
+            self._store._finish_operation(self._kind, self._description, self.volume, self._start)
 
 
 def _name_of(info: ItemInfo) -> str:
