@@ -557,14 +557,16 @@ class FileHandle:
             data = self._from_window(offset, size)
             if data is None:
                 await self._load_window(offset, size)
-                data = self._from_window(offset, size)
+                # A write or commit during the load changes the version; the window
+                # contains the value as it was when this read began, so it is served.
+                data = self._from_window(offset, size, any_version=True)
                 assert data is not None
             self._next_offset = offset + len(data)
             self._maybe_prefetch(offset + len(data))
             return data
 
-    def _from_window(self, offset: int, size: int) -> memoryview | None:
-        if self._window_version != self.state.version:
+    def _from_window(self, offset: int, size: int, *, any_version: bool = False) -> memoryview | None:
+        if self._window_version != self.state.version and not any_version:
             return None
         start = offset - self._window_offset
         end = start + size

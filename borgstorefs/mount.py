@@ -50,6 +50,12 @@ FSTYPE = "fuse.borgstorefs"
 
 DEFAULT_TIMEOUT = 10.0
 
+"""Default attribute, entry and negative-entry cache timeout in seconds.
+
+Long enough that ``ls -l`` and a repeated ``rsync`` are answered from the
+kernel's cache; changes made by other clients of the store show after it.
+"""
+
 DEFAULT_READ_AHEAD_KIB = 1024
 """Kernel read-ahead for the mount, in KiB (``-o read_ahead=KIB``).
 
@@ -57,11 +63,9 @@ The kernel gives a FUSE mount 128 KiB, so a sequential reader reaches the
 daemon as 128 KiB requests. At 1 MiB, the largest request libfuse 3 accepts,
 a 1 GiB read takes half as long on a local store.
 """
-"""Default attribute, entry and negative-entry cache timeout in seconds.
 
-Long enough that ``ls -l`` and a repeated ``rsync`` are answered from the
-kernel's cache; changes made by other clients of the store show after it.
-"""
+MAX_READ_AHEAD_KIB = 1024 * 1024
+"""Largest ``-o read_ahead`` accepted, in KiB (1 GiB): more only holds page cache for nothing."""
 
 STARTUP_TIMEOUT = 120.0
 """Seconds the background command waits for the daemon to report (an SFTP login may retry)."""
@@ -127,7 +131,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         help="mount options: ro, rw, allow_other, allow_root, debug (libfuse's own request log), "
         "attr_timeout=SECONDS, entry_timeout=SECONDS, negative_timeout=SECONDS (default "
         f"{DEFAULT_TIMEOUT:g} each), read_ahead=KIB (kernel read-ahead, default {DEFAULT_READ_AHEAD_KIB}; "
-        "0 keeps the kernel's), threads=N (store calls at once, default {DEFAULT_THREADS}), "
+        f"0 keeps the kernel's), threads=N (store calls at once, default {DEFAULT_THREADS}), "
         "inline_quick or threaded_quick (run quick store calls, metadata and reads up to 128 KiB, in the "
         "request loop or in worker threads; default: inline for file:// stores), "
         "and the generic noatime, nodev, nosuid, noexec, sync, dirsync",
@@ -170,6 +174,7 @@ class MountSettings:
         self.timeouts["negative_timeout"] = DEFAULT_TIMEOUT
         self.threads = DEFAULT_THREADS
         self.read_ahead_kib = DEFAULT_READ_AHEAD_KIB
+        self.read_ahead_given = False  # a failure to apply it is then a warning, not a note
         self.inline_quick: bool | None = None  # None: inline for local (file://) stores
         self.fuse_options: set[str] = set()
         for option in (part for arg in option_args for part in arg.split(",") if part):
@@ -189,6 +194,9 @@ class MountSettings:
             self.threads = int(_parse_number(option, value, int, 1))
         elif equals and name == "read_ahead":
             self.read_ahead_kib = int(_parse_number(option, value, int, 0))
+            if self.read_ahead_kib > MAX_READ_AHEAD_KIB:
+                raise MountError(f"invalid value in -o {option}: must be at most {MAX_READ_AHEAD_KIB}")
+            self.read_ahead_given = True
         elif equals and name == "max_read":
             self.fuse_options.add(f"max_read={_parse_number(option, value, int, 4096)}")
         elif option in ("default_permissions", "fsname", "subtype") or name in ("fsname", "subtype"):
@@ -535,7 +543,7 @@ async def _tune(mountpoint: str, settings: MountSettings) -> None:
     except OSError as err:
         logger.info("cannot set read-ahead of %s: %s", mountpoint, err)
         return
-    set_read_ahead(mountpoint, settings.read_ahead_kib)
+    set_read_ahead(mountpoint, settings.read_ahead_kib, requested=settings.read_ahead_given)
 
 
 async def _serve(fs: FileSystem, ready_fd: int | None, tune: Callable[[], Awaitable[None]]) -> None:
@@ -608,11 +616,12 @@ def _entry_at(target: str) -> MountEntry | None:
     return found
 
 
-def set_read_ahead(mountpoint: str, kib: int) -> None:
+def set_read_ahead(mountpoint: str, kib: int, *, requested: bool = False) -> None:
     """Set the kernel's read-ahead for the mount on *mountpoint*, a resolved path, to *kib* KiB.
 
-    Only root may write the setting; a failure only costs sequential read
-    speed, so it is logged and the mount goes on.
+    Only root may write the setting. A failure only costs sequential read
+    speed, so the mount goes on: it is logged as a WARNING if the user
+    *requested* the value with ``-o read_ahead``, and as INFO otherwise.
     """
     entry = _entry_at(mountpoint)
     if entry is None:
@@ -622,7 +631,8 @@ def set_read_ahead(mountpoint: str, kib: int) -> None:
     try:
         setting.write_text(f"{kib}\n")
     except OSError as err:
-        logger.info("kept the kernel's read-ahead for %s: cannot write %s: %s", mountpoint, setting, err)
+        level = logging.WARNING if requested else logging.INFO
+        logger.log(level, "kept the kernel's read-ahead for %s: cannot write %s: %s", mountpoint, setting, err)
     else:
         logger.debug("read-ahead of %s set to %d KiB", mountpoint, kib)
 
@@ -644,10 +654,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if entry.fstype != FSTYPE:
         print(f"borgstorefs umount: error: {path} is a {entry.fstype} mount, not {FSTYPE}", file=sys.stderr)
         return EXIT_ERROR
-    result = _fusermount("-u", path)
+    # fusermount3 rejects a path through a symbolic link, so it gets the one the mount table shows.
+    result = _fusermount("-u", os.path.realpath(path))
     if result.returncode != 0 and _is_disconnected(path):
         logger.info("the daemon of %s is gone; detaching the mount lazily", path)
-        result = _fusermount("-u", "-z", path)
+        result = _fusermount("-u", "-z", os.path.realpath(path))
     if result.returncode != 0:
         message = result.stderr.strip().replace("\n", "; ") or f"fusermount3 exited with {result.returncode}"
         print(f"borgstorefs umount: error: {message}", file=sys.stderr)

@@ -559,6 +559,8 @@ class Store:
                 for entry in entries
                 if not entry.directory and entry.name.endswith(DEL_SUFFIX)
             ]
+            # Without the suffix the order can change ("a-b.del" < "a.del" but "a" < "a-b").
+            items.sort(key=_name_of)
         else:
             items = [entry for entry in entries if not entry.directory and not entry.name.endswith(DEL_SUFFIX)]
         if depth >= max_depth:

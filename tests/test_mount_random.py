@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,3 +142,50 @@ def test_random_operations_match(make_url: Callable[[], str], mount: Callable[..
     run("fusermount3", "-u", mounted.path)
     remounted = mount(url)
     assert_same_contents(remounted.path / "random", reference, "after a remount")
+
+
+def _read_to_end(path: Path, buffer: mmap.mmap) -> None:
+    # O_DIRECT: every read reaches the daemon, so none is hidden by a kernel retry.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        offset = 0
+        while (count := os.preadv(fd, [buffer], offset)) > 0:
+            offset += count
+    finally:
+        os.close(fd)
+
+
+def test_reads_during_rewrites_succeed(make_url: Callable[[], str], mount: Callable[..., Mount]) -> None:
+    url = make_url()
+    create_store(url, {"data/busy": os.urandom(16 * 1024 * 1024)})
+    mounted = mount(url)
+    path = mounted.path / "data" / "busy"
+    errors: list[OSError] = []
+    stop = time.monotonic() + 3
+
+    def read_repeatedly() -> None:
+        buffer = mmap.mmap(-1, 1024 * 1024)
+        while time.monotonic() < stop:
+            try:
+                _read_to_end(path, buffer)
+            except OSError as error:
+                errors.append(error)
+
+    def rewrite_repeatedly() -> None:
+        while time.monotonic() < stop:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"x", 5)
+            finally:
+                os.close(fd)
+            time.sleep(0.002)
+
+    threads = [threading.Thread(target=read_repeatedly) for _ in range(2)]
+    threads.append(threading.Thread(target=rewrite_repeatedly))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    # A read that overlaps a commit returns the old or the new value, never an error.
+    assert errors == []
