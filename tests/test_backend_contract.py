@@ -1,4 +1,8 @@
-"""The backend contract: every backend in `BACKEND_KINDS` must pass this suite unchanged."""
+"""The backend contract: every backend in `BACKEND_KINDS` must pass this suite unchanged.
+
+Tests marked ``paramiko_too`` also run on the SFTP backend with
+``transport=paramiko``, the transport that is not the default.
+"""
 
 from __future__ import annotations
 
@@ -82,6 +86,7 @@ def test_create_makes_parents_and_destroy_removes(make_url: Callable[[], str]) -
         get_backend(url).open()
 
 
+@pytest.mark.paramiko_too
 def test_open_missing_store(make_url: Callable[[], str]) -> None:
     with pytest.raises(BackendDoesNotExist):
         get_backend(make_url()).open()
@@ -118,6 +123,7 @@ def test_open_backend_refuses_lifecycle(backend: Backend) -> None:
 # Values
 
 
+@pytest.mark.paramiko_too
 @pytest.mark.parametrize("size", [0, 1, 1000, 1 * MiB + 7])
 def test_store_load_round_trip(backend: Backend, size: int) -> None:
     value = os.urandom(size)
@@ -125,6 +131,7 @@ def test_store_load_round_trip(backend: Backend, size: int) -> None:
     assert backend.load("item") == value
 
 
+@pytest.mark.paramiko_too
 @pytest.mark.slow
 def test_store_load_64_mib(backend: Backend) -> None:
     value = os.urandom(64 * MiB)
@@ -138,6 +145,7 @@ def test_store_replaces_value(backend: Backend) -> None:
     assert backend.load("item") == b"new"
 
 
+@pytest.mark.paramiko_too
 def test_store_from_stream(backend: Backend) -> None:
     value = os.urandom(3 * MiB + 5)
     backend.store("item", io.BytesIO(value))
@@ -150,6 +158,7 @@ def test_store_creates_parent_directories(backend: Backend) -> None:
     assert names_of(backend, "ns/01") == ["23"]
 
 
+@pytest.mark.paramiko_too
 @pytest.mark.parametrize(
     ("offset", "size", "expected"),
     [
@@ -171,6 +180,7 @@ def test_partial_load(backend: Backend, offset: int, size: int | None, expected:
     assert backend.load("item", offset=offset, size=size) == expected
 
 
+@pytest.mark.paramiko_too
 def test_load_missing_item(backend: Backend) -> None:
     with pytest.raises(ObjectNotFound):
         backend.load("missing")
@@ -201,6 +211,7 @@ def test_info_of_directory(backend: Backend) -> None:
     assert info.directory
 
 
+@pytest.mark.paramiko_too
 def test_list_sorted_and_flat(backend: Backend) -> None:
     for name in ["c", "a", "b2", "b1"]:
         backend.store(name, name.encode())
@@ -239,11 +250,13 @@ def test_delete_item(backend: Backend) -> None:
     assert not backend.info("item").exists
 
 
+@pytest.mark.paramiko_too
 def test_delete_missing_item(backend: Backend) -> None:
     with pytest.raises(ObjectNotFound):
         backend.delete("missing")
 
 
+@pytest.mark.paramiko_too
 def test_move_replaces_target(backend: Backend) -> None:
     backend.store("a", b"value a")
     backend.store("b", b"value b")
@@ -252,6 +265,7 @@ def test_move_replaces_target(backend: Backend) -> None:
     assert not backend.info("a").exists
 
 
+@pytest.mark.paramiko_too
 def test_move_without_replace_keeps_both(backend: Backend) -> None:
     backend.store("a", b"value a")
     backend.store("b", b"value b")
@@ -279,6 +293,7 @@ def test_mkdir_rmdir(backend: Backend) -> None:
     assert names_of(backend, "a") == []
 
 
+@pytest.mark.paramiko_too
 def test_rmdir_not_empty(backend: Backend) -> None:
     backend.store("dir/item", b"x")
     with pytest.raises(DirectoryNotEmpty):
@@ -290,6 +305,7 @@ def test_rmdir_missing(backend: Backend) -> None:
         backend.rmdir("missing")
 
 
+@pytest.mark.paramiko_too
 def test_set_mtime(backend: Backend) -> None:
     backend.store("item", b"x")
     mtime_ns = 1_500_000_000_000_000_000
@@ -297,6 +313,7 @@ def test_set_mtime(backend: Backend) -> None:
     assert backend.info("item").mtime_ns == mtime_ns
 
 
+@pytest.mark.paramiko_too
 def test_space_reports_capacity(backend: Backend) -> None:
     space = backend.space()
     if space is None:
@@ -336,6 +353,7 @@ def test_stage_discard_leaves_nothing(backend: Backend) -> None:
     assert names_of(backend, "") == ["item"]
 
 
+@pytest.mark.paramiko_too
 def test_stage_copy_then_modify(backend: Backend) -> None:
     value = os.urandom(2 * MiB)
     backend.store("item", value)
@@ -362,6 +380,7 @@ def test_stage_commit_elsewhere(backend: Backend) -> None:
 # Readers
 
 
+@pytest.mark.paramiko_too
 @pytest.mark.parametrize(
     ("offset", "size", "expected"),
     [
@@ -397,6 +416,7 @@ def test_reader_large_value_pieces(backend: Backend) -> None:
         assert reader.read(len(value) - 7, MiB) == value[-7:]
 
 
+@pytest.mark.paramiko_too
 def test_reader_keeps_replaced_value(backend: Backend) -> None:
     old = os.urandom(MiB)
     backend.store("item", old)
@@ -462,6 +482,7 @@ def test_reader_rejects_negative_range(backend: Backend) -> None:
             reader.read(0, -1)
 
 
+@pytest.mark.paramiko_too
 def test_readers_from_threads(backend: Backend) -> None:
     values = {f"item{index}": os.urandom(256 * 1024 + index) for index in range(6)}
     for name, value in values.items():
@@ -547,6 +568,7 @@ CRASH_WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.paramiko_too
 def test_killed_writer_keeps_old_value(make_url: Callable[[], str]) -> None:
     url = make_url()
     backend = get_backend(url)

@@ -56,9 +56,19 @@ def mounted(make_url: Callable[[], str], mount: Callable[..., Mount]) -> Mount:
     return mount(url, "--levels", "other=1")
 
 
-def load(mounted: Mount, name: str, *, deleted: bool = False) -> bytes | None:
-    """Return the stored value of *name* as a second client sees it, or None if it is missing."""
-    with Store(mounted.url) as store:
+def load(mounted: Mount, name: str, *, deleted: bool = False, fork: bool = True) -> bytes | None:
+    """Return the stored value of *name* as a second client sees it, or None if it is missing.
+
+    With ``fork=False`` the client starts no process. A caller with a file
+    of the mount open needs that, because a child's copy of the descriptor
+    closes at exec, the kernel then sends the daemon a flush, and a flush
+    stores the value. The SFTP backend's default ``ssh`` transport starts ssh
+    processes, so that case uses ``transport=paramiko``.
+    """
+    url = mounted.url
+    if not fork and url.startswith("sftp://"):
+        url += "?transport=paramiko"
+    with Store(url) as store:
         if not store.info(name, deleted=deleted).exists:
             return None
         return store.load(name, deleted=deleted)
@@ -309,7 +319,7 @@ def test_open_writer_store_unchanged(mounted: Mount) -> None:
     fd = os.open(mounted.path / "ns" / "file", os.O_WRONLY | os.O_TRUNC)
     try:
         os.write(fd, staged)
-        stored_while_open = load(mounted, "ns/file")
+        stored_while_open = load(mounted, "ns/file", fork=False)
     finally:
         os.close(fd)
 

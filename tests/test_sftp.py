@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -17,10 +18,11 @@ from typing import BinaryIO, cast
 import paramiko
 import pytest
 
-from borgstorefs.backends import get_backend
-from borgstorefs.backends.sftp import SFTPBackend
+from borgstorefs.backends import Backend, get_backend
+from borgstorefs.backends.sftp import TRANSPORTS, SFTPBackend
 from borgstorefs.backends.sftp_connect import CONFIG_ENV, resolve_target
 from borgstorefs.backends.sftp_session import SFTPSession, SFTPStatusError, is_connection_lost
+from borgstorefs.backends.sftp_ssh import SSHChannel, SSHProcessEnded, sftp_command
 from borgstorefs.errors import (
     BackendError,
     BackendUnavailable,
@@ -30,7 +32,7 @@ from borgstorefs.errors import (
     PermissionDenied,
 )
 
-from .sshd import SSHServer, generate_key
+from .sshd import SSHServer, descendants, generate_key
 
 MiB = 1024 * 1024
 
@@ -97,11 +99,22 @@ def test_url_without_user_and_port(sshd: SSHServer) -> None:
 
 
 def test_url_options() -> None:
-    backend = sftp_backend("sftp://host/store?timeout=2.5&keepalive=7&attempts=2&sessions=3&fsync=0")
+    backend = sftp_backend("sftp://host/store?timeout=2.5&keepalive=7&attempts=2&sessions=3&fsync=0&transport=paramiko")
     assert backend.timeout == 2.5
     assert backend.keepalive == 7
     assert backend.fsync is False
     assert backend._retrier.policy.attempts == 2
+    assert backend.transport == "paramiko"
+
+
+def test_transport_default_ssh_on_path() -> None:
+    assert shutil.which("ssh") is not None, "the tests need the Debian package openssh-client"
+    assert sftp_backend("sftp://host/store").transport == "ssh"
+
+
+def test_transport_default_without_ssh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert sftp_backend("sftp://host/store").transport == "paramiko"
 
 
 @pytest.mark.parametrize(
@@ -115,6 +128,8 @@ def test_url_options() -> None:
         ("sftp://host/store?speed=1", "unknown option 'speed'"),
         ("sftp://host/store?timeout=soon", "bad value 'soon'"),
         ("sftp://host/store?sessions=0", "must be >= 1"),
+        ("sftp://host/store?transport=rsh", "bad value 'rsh' for option 'transport'"),
+        ("sftp://-oProxyCommand=x/store", "cannot start with '-'"),
     ],
 )
 def test_url_invalid(url: str, message: str) -> None:
@@ -179,6 +194,7 @@ def test_config_proxy_rejected(home: Path) -> None:
 
 
 def test_connect_through_home_alias(home: Path, sshd: SSHServer, tmp_path: Path) -> None:
+    # Only paramiko reads ~/.ssh from $HOME: ssh takes the home directory from the password database.
     ssh_dir = home / ".ssh"
     shutil.copy(sshd.user_key_path, ssh_dir / "store_key")
     (ssh_dir / "known_hosts").write_text(sshd.known_hosts_path.read_text())
@@ -190,7 +206,7 @@ def test_connect_through_home_alias(home: Path, sshd: SSHServer, tmp_path: Path)
         f"    IdentityFile ~/.ssh/store_key\n"
         f"    IdentitiesOnly yes\n"
     )
-    backend = get_backend(f"sftp://store-alias{tmp_path}/store")
+    backend = get_backend(f"sftp://store-alias{tmp_path}/store?transport=paramiko")
     backend.create()
     with backend:
         backend.store("item", b"through the alias")
@@ -211,13 +227,16 @@ def write_config(path: Path, server: SSHServer, *, known_hosts: Path, key: Path 
     )
 
 
-def test_unknown_host_key_rejected(sshd: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_unknown_host_key_rejected(
+    sshd: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, transport: str
+) -> None:
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text("")
     write_config(tmp_path / "config", sshd, known_hosts=known_hosts)
     monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "config"))
     with pytest.raises(HostKeyUnknown) as caught:
-        get_backend(sshd.url(tmp_path / "store")).create()
+        get_backend(sshd.url(tmp_path / "store") + f"?transport={transport}").create()
     message = str(caught.value)
     assert f"[127.0.0.1]:{sshd.port}" in message
     assert fingerprint(sshd.host_key_path.with_suffix(".pub")) in message
@@ -227,7 +246,10 @@ def test_unknown_host_key_rejected(sshd: SSHServer, tmp_path: Path, monkeypatch:
     assert not (tmp_path / "store").exists()
 
 
-def test_changed_host_key_rejected(sshd: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_changed_host_key_rejected(
+    sshd: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, transport: str
+) -> None:
     other_key = generate_key(tmp_path / "other_host_key", "impostor")
     key_type, key_data, _ = other_key.split(" ", 2)
     known_hosts = tmp_path / "known_hosts"
@@ -235,22 +257,30 @@ def test_changed_host_key_rejected(sshd: SSHServer, tmp_path: Path, monkeypatch:
     write_config(tmp_path / "config", sshd, known_hosts=known_hosts)
     monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "config"))
     with pytest.raises(HostKeyChanged) as caught:
-        get_backend(sshd.url(tmp_path / "store")).create()
+        get_backend(sshd.url(tmp_path / "store") + f"?transport={transport}").create()
     message = str(caught.value)
     assert f"[127.0.0.1]:{sshd.port}" in message
     assert "CHANGED" in message
     assert fingerprint(sshd.host_key_path.with_suffix(".pub")) in message
     assert fingerprint(tmp_path / "other_host_key.pub") in message
     assert f"ssh-keygen -R '[127.0.0.1]:{sshd.port}'" in message
+    assert f"ssh-keyscan -p {sshd.port} -t ssh-ed25519 127.0.0.1" in message
+    assert known_hosts.read_text() == f"[127.0.0.1]:{sshd.port} {key_type} {key_data}\n"
     assert not (tmp_path / "store").exists()
 
 
-def test_unaccepted_user_key(sshd: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_unaccepted_user_key(sshd: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, transport: str) -> None:
     generate_key(tmp_path / "stranger_key", "stranger")
     write_config(tmp_path / "config", sshd, known_hosts=sshd.known_hosts_path, key=tmp_path / "stranger_key")
     monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "config"))
-    with pytest.raises(PermissionDenied, match=f"authentication to SFTP server .*127.0.0.1:{sshd.port} failed"):
-        get_backend(sshd.url(tmp_path / "store")).create()
+    with pytest.raises(PermissionDenied) as caught:
+        get_backend(sshd.url(tmp_path / "store") + f"?transport={transport}").create()
+    message = str(caught.value)
+    assert f"authentication to SFTP server {sshd.user}@127.0.0.1:{sshd.port} failed" in message
+    assert str(tmp_path / "stranger_key") in message
+    assert "authorized_keys" in message
+    assert not (tmp_path / "store").exists()
 
 
 # Lost connections
@@ -267,15 +297,21 @@ def test_connection_lost_classifier() -> None:
     assert not is_connection_lost(PermissionDenied("no"))
     assert not is_connection_lost(paramiko.AuthenticationException("no"))
     assert not is_connection_lost(ValueError("bad name"))
+    assert is_connection_lost(SSHProcessEnded("ssh (pid 1) to host: its output ended"))
+    assert not is_connection_lost(HostKeyUnknown("unknown"))
 
 
-def test_restart_during_stores_and_loads(own_sshd: SSHServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_restart_during_stores_and_loads(
+    own_sshd: SSHServer, tmp_path: Path, caplog: pytest.LogCaptureFixture, transport: str
+) -> None:
     caplog.set_level(logging.INFO, logger="borgstorefs")
     timeout, attempts = 3.0, 5
     # A try waits at most about four timeouts (TCP connect, SSH banner,
     # authentication, a reply); the delays between tries add 0.5 + 1 + 2 + 4 s.
     bound = attempts * 4 * timeout + 7.5
-    backend = get_backend(own_sshd.url(tmp_path / "store") + f"?timeout={timeout}&attempts={attempts}")
+    url = own_sshd.url(tmp_path / "store") + f"?timeout={timeout}&attempts={attempts}&transport={transport}"
+    backend = get_backend(url)
     backend.create()
     backend.open()
 
@@ -313,8 +349,9 @@ def test_restart_during_stores_and_loads(own_sshd: SSHServer, tmp_path: Path, ca
     backend.destroy()
 
 
-def test_silent_server_times_out(own_sshd: SSHServer, tmp_path: Path) -> None:
-    backend = get_backend(own_sshd.url(tmp_path / "store") + "?timeout=1&attempts=2")
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_silent_server_times_out(own_sshd: SSHServer, tmp_path: Path, transport: str) -> None:
+    backend = get_backend(own_sshd.url(tmp_path / "store") + f"?timeout=1&attempts=2&transport={transport}")
     backend.create()
     backend.open()
     backend.store("item", b"before")
@@ -333,8 +370,9 @@ def test_silent_server_times_out(own_sshd: SSHServer, tmp_path: Path) -> None:
     backend.destroy()
 
 
-def test_server_down_raises_unavailable(own_sshd: SSHServer, tmp_path: Path) -> None:
-    backend = get_backend(own_sshd.url(tmp_path / "store") + "?timeout=2&attempts=2")
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_server_down_raises_unavailable(own_sshd: SSHServer, tmp_path: Path, transport: str) -> None:
+    backend = get_backend(own_sshd.url(tmp_path / "store") + f"?timeout=2&attempts=2&transport={transport}")
     backend.create()
     backend.open()
     own_sshd.stop()
@@ -381,12 +419,11 @@ class SlowBytesIO(io.BytesIO):
         return super().read(size)
 
 
-def test_store_repeated_after_restart(own_sshd: SSHServer, tmp_path: Path) -> None:
-    backend = get_backend(own_sshd.url(tmp_path / "store") + "?timeout=3")
-    backend.create()
-    backend.open()
-    backend.store("item", b"old value")
-    value = os.urandom(16 * MiB)
+def start_slow_upload(backend: Backend, value: bytes) -> tuple[threading.Thread, list[BaseException]]:
+    """Start storing *value* as ``item`` in a thread, slowly; return once the upload has begun.
+
+    The thread appends any error to the returned list.
+    """
     stream = SlowBytesIO(value, pause=0.3)
     errors: list[BaseException] = []
 
@@ -399,6 +436,16 @@ def test_store_repeated_after_restart(own_sshd: SSHServer, tmp_path: Path) -> No
     uploader = threading.Thread(target=upload)
     uploader.start()
     assert stream.started.wait(timeout=30)
+    return uploader, errors
+
+
+def test_store_repeated_after_restart(own_sshd: SSHServer, tmp_path: Path) -> None:
+    backend = get_backend(own_sshd.url(tmp_path / "store") + "?timeout=3")
+    backend.create()
+    backend.open()
+    backend.store("item", b"old value")
+    value = os.urandom(16 * MiB)
+    uploader, errors = start_slow_upload(backend, value)
     own_sshd.restart()
     uploader.join(timeout=120)
 
@@ -604,4 +651,122 @@ def test_stage_copy_without_copy_data(store_url: str, monkeypatch: pytest.Monkey
             staged.write(0, b"head")
             staged.commit("copy")
         assert backend.load("copy") == b"head" + value[4:]
+    backend.destroy()
+
+
+# The ssh transport
+
+
+def ssh_processes(port: int) -> list[int]:
+    """Return the PIDs of this test process's ssh children that connect to *port*."""
+    found = []
+    for pid in descendants(os.getpid()):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # it exited while we looked
+        if os.path.basename(argv[0]) == b"ssh" and str(port).encode() in argv:
+            found.append(pid)
+    return found
+
+
+def test_ssh_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CONFIG_ENV, "/etc/borgstorefs/ssh_config")
+    command = sftp_command("backup.example", "keeper", 2222, timeout=2.5, keepalive=7.4)
+    joined = " ".join(command)
+    assert command[0] == "ssh"
+    assert "-o BatchMode=yes" in joined
+    assert "-o StrictHostKeyChecking=yes" in joined
+    assert "accept-new" not in joined
+    assert "StrictHostKeyChecking=no" not in joined
+    assert "-o UpdateHostKeys=no" in joined
+    assert "-o ConnectTimeout=3" in joined
+    assert "-o ServerAliveInterval=7" in joined
+    assert "-F /etc/borgstorefs/ssh_config" in joined
+    assert command[-3:] == ["--", "backup.example", "sftp"]
+    assert command[command.index("-p") + 1] == "2222"
+    assert command[command.index("-l") + 1] == "keeper"
+
+
+def test_ssh_command_without_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    command = sftp_command("backup.example", None, None, timeout=30, keepalive=15)
+    assert "-F" not in command
+    assert "-p" not in command
+    assert "-l" not in command
+
+
+def test_ssh_transport_without_ssh(store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = sftp_backend(store_url + "?transport=ssh")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(BackendError) as caught:
+        backend.create()
+    assert not isinstance(caught.value, BackendUnavailable), "a missing program must not be retried"
+    assert "transport=paramiko" in str(caught.value)
+
+
+def test_ssh_alias_from_config(sshd: SSHServer, tmp_path: Path) -> None:
+    # "sshd-test" is a Host alias in the server's ssh_config, which ssh reads through -F.
+    backend = sftp_backend(f"sftp://sshd-test{tmp_path}/store?transport=ssh")
+    backend.create()
+    with backend:
+        backend.store("item", b"through the alias")
+        assert backend.load("item") == b"through the alias"
+        assert backend._pool.label == f"{sshd.user}@127.0.0.1:{sshd.port}"
+    backend.destroy()
+
+
+def test_ssh_session_limits_and_extensions(store_url: str) -> None:
+    backend = sftp_backend(store_url + "?transport=ssh")
+    backend.create()
+    with backend, backend._pool.session() as session:
+        assert isinstance(session.sock, SSHChannel)
+        assert session.supports("limits@openssh.com")
+        assert session.supports("fsync@openssh.com")
+        # OpenSSH's limits: 255 KiB of data per read or write, within our 256 KiB.
+        assert session.read_size == 255 * 1024
+        assert session.write_size == 255 * 1024
+    backend.destroy()
+
+
+def test_ssh_process_per_session(sshd: SSHServer, tmp_path: Path) -> None:
+    backend = sftp_backend(sshd.url(tmp_path / "store") + "?transport=ssh&sessions=2")
+    backend.create()
+    backend.open()
+    backend.store("first", b"one")
+    backend.store("second", b"two")
+    with backend.open_reader("first") as first, backend.open_reader("second") as second:
+        pids = {first._session.sock.pid, second._session.sock.pid}  # type: ignore[attr-defined]
+        assert len(pids) == 2
+        assert pids <= set(ssh_processes(sshd.port))
+        assert first.read(0, 3) == b"one"
+        assert second.read(0, 3) == b"two"
+    backend.close()
+    assert not pids & set(ssh_processes(sshd.port)), "close() left ssh processes behind"
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists(), f"ssh (pid {pid}) was not reaped"
+    backend.destroy()
+
+
+def test_killed_ssh_process_reconnects(own_sshd: SSHServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="borgstorefs")
+    backend = sftp_backend(own_sshd.url(tmp_path / "store") + "?transport=ssh&timeout=5")
+    backend.create()
+    backend.open()
+    value = os.urandom(16 * MiB)
+    uploader, errors = start_slow_upload(backend, value)
+    killed = ssh_processes(own_sshd.port)
+    assert killed, "no ssh process to kill"
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    uploader.join(timeout=120)
+
+    assert errors == []
+    assert "store('item') on" in caplog.text
+    assert "lost the connection" in caplog.text
+    assert "retrying in" in caplog.text
+    assert "reconnected to" in caplog.text
+    assert backend.load("item") == value
+    assert not set(killed) & set(ssh_processes(own_sshd.port))
+    backend.close()
     backend.destroy()

@@ -1,14 +1,24 @@
-"""SFTP backend: ``sftp://[user@]host[:port]/absolute/path[?option=value&...]``, using paramiko.
+"""SFTP backend: ``sftp://[user@]host[:port]/absolute/path[?option=value&...]``.
+
+Two transports carry the SFTP packets. ``ssh`` (the default when an ``ssh``
+program is on PATH) starts one OpenSSH client process per session, ``ssh -s
+HOST sftp``, so that encryption runs in C in another process (see
+`sftp_ssh`). ``paramiko`` runs SSH in this process with paramiko, one SSH
+connection for all sessions (see `sftp_connect`).
 
 Works against any SFTP version 3 server; OpenSSH's server is needed for the
 ``posix-rename@openssh.com`` extension, without which values cannot replace
 each other atomically. The URL is percent-decoded. A missing user or port,
 host aliases, IdentityFile and UserKnownHostsFile come from the ssh client
-configuration as ``ssh`` applies them: the file ``BORGSTOREFS_SSH_CONFIG``
-names, or else ``~/.ssh/config``, read at each connect with ``~`` expanded
-through ``os.path.expanduser`` (see `sftp_connect`).
+configuration: the file ``BORGSTOREFS_SSH_CONFIG`` names, or else
+``~/.ssh/config``, read at each connect. The ``ssh`` transport lets ssh read
+it, ProxyJump included. The ``paramiko`` transport reads it with paramiko,
+expands ``~`` through ``os.path.expanduser`` and rejects ProxyJump and
+ProxyCommand.
 
-Authentication uses ssh-agent and key files only. The server's host key must
+Authentication uses ssh-agent and key files only. The ``ssh`` transport
+also uses any other method that ssh completes without a prompt, because it
+runs ssh with BatchMode. The server's host key must
 be in a known_hosts file. An unknown key raises `HostKeyUnknown` and a
 changed key raises `HostKeyChanged`. Both messages name the host, the key's
 SHA256 fingerprint and the command that trusts it. No key is ever added to
@@ -17,8 +27,12 @@ known_hosts automatically.
 URL options, all optional: ``timeout`` (seconds, `DEFAULT_TIMEOUT`),
 ``keepalive`` (seconds, `DEFAULT_KEEPALIVE`), ``attempts`` (tries per
 operation, `DEFAULT_ATTEMPTS`), ``sessions`` (concurrent SFTP sessions,
-`DEFAULT_SESSIONS`) and ``fsync`` (``1`` or ``0``: whether `store` flushes
-each value on the server with ``fsync@openssh.com``; default ``1``).
+`DEFAULT_SESSIONS`), ``fsync`` (``1`` or ``0``: whether `store` flushes
+each value on the server with ``fsync@openssh.com``; default ``1``) and
+``transport`` (``ssh`` or ``paramiko``; default ``ssh`` if an ``ssh``
+program is on PATH, else ``paramiko``). The ``ssh`` transport rounds
+``timeout`` up and ``keepalive`` to whole seconds for ssh's
+ConnectTimeout and ServerAliveInterval.
 
 Lost connections: every wait for the server ends after *timeout* seconds,
 and an operation that lost its connection is repeated on a new one up to
@@ -40,7 +54,6 @@ from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-import paramiko
 from paramiko.message import Message
 from paramiko.sftp import (
     CMD_ATTRS,
@@ -70,7 +83,7 @@ from ..errors import (
 )
 from ..names import TMP_SUFFIX
 from ._base import Backend, ItemInfo, SpaceInfo, StagedValue, ValueReader, validate_backend_name
-from .sftp_connect import SSHTarget, connect, resolve_target
+from .sftp_connect import ParamikoConnection, connect, resolve_target
 from .sftp_files import (
     is_directory,
     item_info,
@@ -84,6 +97,7 @@ from .sftp_files import (
 from .sftp_reader import SFTPReader
 from .sftp_session import (
     Attributes,
+    Connection,
     Retrier,
     RetryPolicy,
     SessionPool,
@@ -94,6 +108,7 @@ from .sftp_session import (
     parse_attributes,
     reconnecting,
 )
+from .sftp_ssh import SSHConnection, resolve_ssh_target, sftp_command, ssh_available
 from .sftp_staged import SFTPStagedValue
 
 logger = logging.getLogger(__name__)
@@ -121,7 +136,15 @@ DEFAULT_SESSIONS = 4
 RETRY_FIRST_DELAY = 0.5
 RETRY_MAX_DELAY = 4.0
 
-URL_OPTIONS = ("timeout", "keepalive", "attempts", "sessions", "fsync")
+URL_OPTIONS = ("timeout", "keepalive", "attempts", "sessions", "fsync", "transport")
+
+TRANSPORTS = ("ssh", "paramiko")
+"""Values of the ``transport`` option: an OpenSSH client process per session, or paramiko in this process."""
+
+
+def default_transport() -> str:
+    """Return ``ssh`` if an ``ssh`` program is on PATH, else ``paramiko``."""
+    return "ssh" if ssh_available() else "paramiko"
 
 
 def get_sftp_backend(url: str) -> SFTPBackend | None:
@@ -155,9 +178,9 @@ def get_sftp_backend(url: str) -> SFTPBackend | None:
     )
 
 
-def parse_url_options(url: str, query: str) -> dict[str, float | int | bool]:
+def parse_url_options(url: str, query: str) -> dict[str, float | int | bool | str]:
     """Return the backend options of a URL query; `BackendURLInvalid` for unknown or bad ones."""
-    options: dict[str, float | int | bool] = {}
+    options: dict[str, float | int | bool | str] = {}
     for key, text in parse_qsl(query, keep_blank_values=True):
         if key not in URL_OPTIONS:
             raise BackendURLInvalid(f"invalid SFTP URL {url!r}: unknown option {key!r}, use {', '.join(URL_OPTIONS)}")
@@ -166,6 +189,10 @@ def parse_url_options(url: str, query: str) -> dict[str, float | int | bool]:
                 if text not in ("0", "1"):
                     raise ValueError(text)
                 options[key] = text == "1"
+            elif key == "transport":
+                if text not in TRANSPORTS:
+                    raise ValueError(text)
+                options[key] = text
             elif key in ("attempts", "sessions"):
                 options[key] = int(text)
             else:
@@ -176,7 +203,11 @@ def parse_url_options(url: str, query: str) -> dict[str, float | int | bool]:
 
 
 class SFTPBackend(Backend):
-    """Backend on an SFTP server, with a pool of sessions over one SSH connection.
+    """Backend on an SFTP server, with a pool of sessions.
+
+    With *transport* ``ssh`` each session is an ssh process of its own; with
+    ``paramiko`` the sessions share one SSH connection in this process. None
+    selects `default_transport`.
 
     Thread-safe: each call borrows a session of its own from the pool. Up to
     *sessions* calls run at once, so a long transfer does not hold up a
@@ -198,6 +229,7 @@ class SFTPBackend(Backend):
         attempts: int = DEFAULT_ATTEMPTS,
         sessions: int = DEFAULT_SESSIONS,
         fsync: bool = True,
+        transport: str | None = None,
     ) -> None:
         super().__init__()
         if not path.startswith("/"):
@@ -207,6 +239,13 @@ class SFTPBackend(Backend):
                 f"invalid SFTP backend options: timeout={timeout} and keepalive={keepalive} must be > 0, "
                 f"attempts={attempts} and sessions={sessions} must be >= 1"
             )
+        if transport is None:
+            transport = default_transport()
+        if transport not in TRANSPORTS:
+            raise BackendURLInvalid(f"invalid SFTP transport {transport!r}: use {' or '.join(TRANSPORTS)}")
+        if host.startswith("-"):
+            raise BackendURLInvalid(f"invalid SFTP host {host!r}: a host name cannot start with '-'")
+        self.transport = transport
         self.host = host
         self.user = user
         self.port = port
@@ -216,7 +255,7 @@ class SFTPBackend(Backend):
         self.fsync = fsync
         where = f"{user + '@' if user else ''}{host}{':' + str(port) if port else ''}"
         self._label = where
-        self._pool = SessionPool(self._connect, sessions, timeout, where)
+        self._pool = SessionPool(self._connect, sessions, where)
         self._retrier = Retrier(RetryPolicy(attempts, RETRY_FIRST_DELAY, RETRY_MAX_DELAY), where)
         self._orphans: list[str] = []
         self._orphans_lock = threading.Lock()
@@ -225,13 +264,19 @@ class SFTPBackend(Backend):
     def __repr__(self) -> str:
         return f"SFTPBackend({self._label}:{self.base})"
 
-    def _connect(self) -> paramiko.SSHClient:
-        # The ssh config is read at every connect, so a changed HOME or
-        # BORGSTOREFS_SSH_CONFIG applies to the next connection.
-        target: SSHTarget = resolve_target(self.host, self.user, self.port)
+    def _connect(self) -> Connection:
+        # The ssh config is read at every connect, so a changed
+        # BORGSTOREFS_SSH_CONFIG (or HOME, for paramiko) applies to the next connection.
+        if self.transport == "ssh":
+            target = resolve_ssh_target(self.host, self.user, self.port, self.timeout)
+        else:
+            target = resolve_target(self.host, self.user, self.port)
         self._pool.label = target.label
         self._retrier.label = target.label
-        return connect(target, self.timeout, self.keepalive)
+        if self.transport == "ssh":
+            command = sftp_command(self.host, self.user, self.port, timeout=self.timeout, keepalive=self.keepalive)
+            return SSHConnection(target, command, self.timeout)
+        return ParamikoConnection(connect(target, self.timeout, self.keepalive), self.timeout, target.label)
 
     def path_of(self, name: str, *, base_allowed: bool = False) -> str:
         """Return the server path of backend name *name*, after validating it."""

@@ -1,4 +1,6 @@
-"""Opening SSH connections for the SFTP backend: ssh_config, host keys and authentication.
+"""Opening paramiko SSH connections for the SFTP backend: ssh_config, host keys and authentication.
+
+The host key messages here serve the ``ssh`` transport (`sftp_ssh`) too.
 
 Settings come from the URL first and from the ssh client configuration
 second, as ``ssh`` applies them. The configuration file is the one that
@@ -15,10 +17,12 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import paramiko
 
 from ..errors import BackendError, HostKeyChanged, HostKeyUnknown, PermissionDenied
+from .sftp_session import CHANNEL_PACKET_SIZE, PIPELINE_BYTES, SFTPSession
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +119,7 @@ class RejectUnknownHostKey(paramiko.MissingHostKeyPolicy):
         self._target = target
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        raise HostKeyUnknown(unknown_key_message(self._target, key))
+        raise HostKeyUnknown(unknown_key_message(self._target, HostKey(key.get_name(), key.fingerprint)))
 
 
 def trust_command(target: SSHTarget, key_type: str) -> str:
@@ -124,27 +128,37 @@ def trust_command(target: SSHTarget, key_type: str) -> str:
     return f"ssh-keyscan {port}-t {key_type} {target.hostname} >> ~/.ssh/known_hosts"
 
 
-def unknown_key_message(target: SSHTarget, key: paramiko.PKey) -> str:
+class HostKey(NamedTuple):
+    """A public key as messages name it."""
+
+    key_type: str
+    """The SSH key type name, such as ``ssh-ed25519``."""
+
+    fingerprint: str
+    """``SHA256:`` and the unpadded base64 of the key's SHA-256 digest, as ``ssh-keygen -l`` prints it."""
+
+
+def unknown_key_message(target: SSHTarget, key: HostKey) -> str:
     """Return the error message for a server key found in no known_hosts file."""
     return (
         f"host key of SFTP server {target.known_hosts_name} is unknown: the server offers the "
-        f"{key.get_name()} key {key.fingerprint}, which none of {', '.join(target.known_hosts_files)} lists. "
+        f"{key.key_type} key {key.fingerprint}, which none of {', '.join(target.known_hosts_files)} lists. "
         f"Compare the fingerprint with the one the server's administrator gives you, then trust the key with "
-        f"'{trust_command(target, key.get_name())}' or by connecting once with "
+        f"'{trust_command(target, key.key_type)}' or by connecting once with "
         f"'ssh -p {target.port} {target.user}@{target.hostname}'"
     )
 
 
-def changed_key_message(target: SSHTarget, key: paramiko.PKey, expected: paramiko.PKey) -> str:
+def changed_key_message(target: SSHTarget, key: HostKey, expected: HostKey) -> str:
     """Return the error message for a server key that differs from the one in known_hosts."""
     return (
         f"host key of SFTP server {target.known_hosts_name} has CHANGED: the server offers the "
-        f"{key.get_name()} key {key.fingerprint}, but known_hosts lists {expected.get_name()} "
+        f"{key.key_type} key {key.fingerprint}, but known_hosts lists {expected.key_type} "
         f"{expected.fingerprint}. Someone may be intercepting the connection, or the server was reinstalled. "
         f"Only if the server's administrator confirms the new fingerprint, remove the old key with "
         f"\"ssh-keygen -R '{target.known_hosts_name}'\" (add -f FILE for a file other than ~/.ssh/known_hosts; "
         f"searched: {', '.join(target.known_hosts_files)}) and trust the new one with "
-        f"'{trust_command(target, key.get_name())}'"
+        f"'{trust_command(target, key.key_type)}'"
     )
 
 
@@ -171,6 +185,33 @@ def connect(target: SSHTarget, timeout: float, keepalive: float) -> paramiko.SSH
         client.close()
         raise
     return client
+
+
+class ParamikoConnection:
+    """A `sftp_session.Connection` over one paramiko SSH connection: each session is one channel."""
+
+    def __init__(self, client: paramiko.SSHClient, timeout: float, label: str) -> None:
+        self._client = client
+        self._timeout = timeout
+        self._label = label
+
+    def is_active(self) -> bool:
+        transport = self._client.get_transport()
+        return transport is not None and transport.is_active()
+
+    def open_session(self, generation: int) -> SFTPSession:
+        transport = self._client.get_transport()
+        if transport is None:
+            raise paramiko.SSHException(f"SSH connection to {self._label} is closed")
+        channel = transport.open_session(
+            window_size=PIPELINE_BYTES, max_packet_size=CHANNEL_PACKET_SIZE, timeout=self._timeout
+        )
+        channel.settimeout(self._timeout)
+        channel.invoke_subsystem("sftp")
+        return SFTPSession(channel, generation)
+
+    def close(self) -> None:
+        self._client.close()
 
 
 def load_known_hosts(host_keys: paramiko.HostKeys, target: SSHTarget) -> None:
@@ -206,7 +247,9 @@ def _connect_client(client: paramiko.SSHClient, target: SSHTarget, timeout: floa
             channel_timeout=timeout,
         )
     except paramiko.BadHostKeyException as err:
-        raise HostKeyChanged(changed_key_message(target, err.key, err.expected_key)) from None
+        offered = HostKey(err.key.get_name(), err.key.fingerprint)
+        expected = HostKey(err.expected_key.get_name(), err.expected_key.fingerprint)
+        raise HostKeyChanged(changed_key_message(target, offered, expected)) from None
     except paramiko.AuthenticationException as err:
         tried = ", ".join(key_files) or "no key files"
         agent = "and the ssh-agent" if target.use_agent else "without ssh-agent"
