@@ -18,7 +18,7 @@ from typing import BinaryIO, cast
 import paramiko
 import pytest
 
-from borgstorefs.backends import Backend, get_backend
+from borgstorefs.backends import Backend, get_backend, sftp_ssh
 from borgstorefs.backends.sftp import TRANSPORTS, SFTPBackend
 from borgstorefs.backends.sftp_connect import CONFIG_ENV, resolve_target
 from borgstorefs.backends.sftp_session import SFTPSession, SFTPStatusError, is_connection_lost
@@ -770,3 +770,28 @@ def test_killed_ssh_process_reconnects(own_sshd: SSHServer, tmp_path: Path, capl
     assert not set(killed) & set(ssh_processes(own_sshd.port))
     backend.close()
     backend.destroy()
+
+
+def test_aes_gcm_preferred_by_default(sshd: SSHServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sftp_ssh, "cpu_has_aes", lambda: True)
+
+    options = sftp_ssh.cipher_options("127.0.0.1", sshd.user, sshd.port, timeout=10)
+
+    assert options[0] == "-o"
+    assert options[1].startswith("Ciphers=aes128-gcm@openssh.com,")
+    assert "chacha20-poly1305@openssh.com" in options[1]
+
+
+def test_configured_ciphers_kept(sshd: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Ciphers aes256-ctr\n{Path(os.environ[CONFIG_ENV]).read_text()}")
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    monkeypatch.setattr(sftp_ssh, "cpu_has_aes", lambda: True)
+
+    assert sftp_ssh.cipher_options("127.0.0.1", sshd.user, sshd.port, timeout=10) == []
+
+
+def test_no_cipher_change_without_aes(sshd: SSHServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sftp_ssh, "cpu_has_aes", lambda: False)
+
+    assert sftp_ssh.cipher_options("127.0.0.1", sshd.user, sshd.port, timeout=10) == []

@@ -108,7 +108,7 @@ from .sftp_session import (
     parse_attributes,
     reconnecting,
 )
-from .sftp_ssh import SSHConnection, resolve_ssh_target, sftp_command, ssh_available
+from .sftp_ssh import SSHConnection, cipher_options, resolve_ssh_target, sftp_command, ssh_available
 from .sftp_staged import SFTPStagedValue
 
 logger = logging.getLogger(__name__)
@@ -274,7 +274,10 @@ class SFTPBackend(Backend):
         self._pool.label = target.label
         self._retrier.label = target.label
         if self.transport == "ssh":
-            command = sftp_command(self.host, self.user, self.port, timeout=self.timeout, keepalive=self.keepalive)
+            ciphers = cipher_options(self.host, self.user, self.port, self.timeout)
+            command = sftp_command(
+                self.host, self.user, self.port, timeout=self.timeout, keepalive=self.keepalive, extra_options=ciphers
+            )
             return SSHConnection(target, command, self.timeout)
         return ParamikoConnection(connect(target, self.timeout, self.keepalive), self.timeout, target.label)
 

@@ -30,6 +30,7 @@ import select
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from typing import IO
 
 from ..errors import BackendError, HostKeyChanged, HostKeyUnknown, PermissionDenied
@@ -55,6 +56,9 @@ Four 256 KiB SFTP packets fit, so ssh and this process wake each other less
 often than with the 64 KiB default. 1 MiB is Linux's default
 ``/proc/sys/fs/pipe-max-size``, the limit for unprivileged processes.
 """
+
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+"""Ciphers moved to the front of OpenSSH's default order where the CPU has AES instructions."""
 
 DRAIN_SIZE = 256 * 1024
 """Bytes read at a time from ssh's output while a `send` waits for ssh to take input."""
@@ -101,8 +105,16 @@ def destination_options(host: str, user: str | None, port: int | None) -> list[s
     return [*options, "--", host]
 
 
-def sftp_command(host: str, user: str | None, port: int | None, *, timeout: float, keepalive: float) -> list[str]:
-    """Return the ssh command line that starts an SFTP session on *host*."""
+def sftp_command(
+    host: str,
+    user: str | None,
+    port: int | None,
+    *,
+    timeout: float,
+    keepalive: float,
+    extra_options: Sequence[str] = (),
+) -> list[str]:
+    """Return the ssh command line that starts an SFTP session on *host*; *extra_options* go before ``-s``."""
     return [
         SSH_PROGRAM,
         "-x",
@@ -122,6 +134,7 @@ def sftp_command(host: str, user: str | None, port: int | None, *, timeout: floa
         f"ServerAliveInterval={max(1, round(keepalive))}",
         "-o",
         "ServerAliveCountMax=3",
+        *extra_options,
         # No IPQoS or TCP_NODELAY option is needed: with ssh 9.2p1, strace
         # shows TCP_NODELAY set at connect and kept for the subsystem session.
         "-s",
@@ -132,7 +145,26 @@ def sftp_command(host: str, user: str | None, port: int | None, *, timeout: floa
 
 def resolve_ssh_target(host: str, user: str | None, port: int | None, timeout: float) -> SSHTarget:
     """Return the settings that ssh applies to *host*, from ``ssh -G`` (which does not connect)."""
-    command = [SSH_PROGRAM, "-G", *destination_options(host, user, port)]
+    options = ssh_settings(destination_options(host, user, port), host, timeout)
+
+    def first(key: str, default: str) -> str:
+        return options.get(key, [default])[0]
+
+    known_hosts = first("userknownhostsfile", "").split() + first("globalknownhostsfile", "").split()
+    return SSHTarget(
+        hostname=first("hostname", host),
+        port=int(first("port", str(SSH_PORT))),
+        user=first("user", user or ""),
+        identity_files=tuple(options.get("identityfile", [])),
+        known_hosts_files=tuple(known_hosts),
+        use_agent=first("identitiesonly", "no") == "no" and first("identityagent", "").lower() != "none",
+        host_key_alias=options["hostkeyalias"][0] if "hostkeyalias" in options else None,
+    )
+
+
+def ssh_settings(arguments: list[str], host: str, timeout: float) -> dict[str, list[str]]:
+    """Return what ``ssh -G ARGUMENTS`` prints, as lists of values per lowercase keyword."""
+    command = [SSH_PROGRAM, "-G", *arguments]
     try:
         result = subprocess.run(
             command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, check=False
@@ -151,20 +183,48 @@ def resolve_ssh_target(host: str, user: str | None, port: int | None, timeout: f
     for line in result.stdout.splitlines():
         key, _, value = line.partition(" ")
         options.setdefault(key, []).append(value)
+    return options
 
-    def first(key: str, default: str) -> str:
-        return options.get(key, [default])[0]
 
-    known_hosts = first("userknownhostsfile", "").split() + first("globalknownhostsfile", "").split()
-    return SSHTarget(
-        hostname=first("hostname", host),
-        port=int(first("port", str(SSH_PORT))),
-        user=first("user", user or ""),
-        identity_files=tuple(options.get("identityfile", [])),
-        known_hosts_files=tuple(known_hosts),
-        use_agent=first("identitiesonly", "no") == "no" and first("identityagent", "").lower() != "none",
-        host_key_alias=options["hostkeyalias"][0] if "hostkeyalias" in options else None,
-    )
+def cipher_options(host: str, user: str | None, port: int | None, timeout: float) -> list[str]:
+    """Return ``-o Ciphers=...`` that puts AES-GCM first, or nothing.
+
+    OpenSSH prefers chacha20-poly1305, which costs a core more CPU time per
+    byte than AES-GCM on a CPU with AES instructions: reading 1 GiB through a
+    mount took 4.0 s with it and 3.0 s with aes128-gcm on a 2-core AMD EPYC.
+    Only OpenSSH's own default list is reordered, never a list that an
+    ssh_config sets: the settings are compared with those of ``-F /dev/null``.
+    """
+    if not cpu_has_aes():
+        return []
+    try:
+        effective = ssh_settings(destination_options(host, user, port), host, timeout).get("ciphers", [""])[0]
+        builtin_arguments = ["-F", "/dev/null", *destination_options(host, user, port)[len(config_options()) :]]
+        builtin = ssh_settings(builtin_arguments, host, timeout).get("ciphers", [""])[0]
+    except BackendError as err:
+        logger.info("kept ssh's cipher order for %s: %s", host, err)
+        return []
+    if not effective or effective != builtin:
+        return []
+    ciphers = effective.split(",")
+    first = [cipher for cipher in PREFERRED_CIPHERS if cipher in ciphers]
+    if not first:
+        return []
+    ordered = first + [cipher for cipher in ciphers if cipher not in first]
+    return ["-o", f"Ciphers={','.join(ordered)}"]
+
+
+def cpu_has_aes() -> bool:
+    """Return whether the CPU has AES instructions (the ``aes`` flag in ``/proc/cpuinfo``; False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                name, _, value = line.partition(":")
+                if name.strip() in ("flags", "Features"):
+                    return "aes" in value.split()
+    except OSError:
+        pass
+    return False
 
 
 class SSHConnection:
