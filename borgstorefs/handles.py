@@ -557,7 +557,7 @@ class FileHandle:
             data = self._from_window(offset, size)
             if data is None:
                 await self._load_window(offset, size)
-                # A write or commit during the load changes the version; the window
+                # A write or commit during the load changes the version. The window still
                 # contains the value as it was when this read began, so it is served.
                 data = self._from_window(offset, size, any_version=True)
                 assert data is not None

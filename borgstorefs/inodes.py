@@ -154,7 +154,8 @@ class InodeTable:
             return self.root
         if kind == NodeKind.TRASH_ROOT:
             return self.trash_root
-        return self._find((kind, namespace, key), _derived_inode((kind, namespace, key)))
+        identity = (kind, namespace, key)
+        return self._find(identity, _derived_inode(identity))
 
     def _find(self, identity: Identity, derived: InodeNo) -> Node | None:
         # Called once per directory entry listed: fields are compared without building a tuple.

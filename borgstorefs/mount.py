@@ -65,7 +65,7 @@ a 1 GiB read takes half as long on a local store.
 """
 
 MAX_READ_AHEAD_KIB = 1024 * 1024
-"""Largest ``-o read_ahead`` accepted, in KiB (1 GiB): more only holds page cache for nothing."""
+"""Largest ``-o read_ahead`` accepted, in KiB (1 GiB): more would only fill the page cache for nothing."""
 
 STARTUP_TIMEOUT = 120.0
 """Seconds the background command waits for the daemon to report (an SFTP login may retry)."""
@@ -537,8 +537,8 @@ async def _tune(mountpoint: str, settings: MountSettings) -> None:
     if not settings.read_ahead_kib:
         return
     try:
-        # The kernel holds every request until INIT is answered, and INIT's
-        # reply resets the read-ahead: once this stat returns, a setting stays.
+        # The kernel queues every request until the reply to INIT, which resets
+        # the read-ahead. Once this stat returns, a new setting stays.
         await trio.to_thread.run_sync(os.stat, mountpoint)
     except OSError as err:
         logger.info("cannot set read-ahead of %s: %s", mountpoint, err)
@@ -604,7 +604,7 @@ def mount_entry(path: str) -> MountEntry | None:
 
 
 def _entry_at(target: str) -> MountEntry | None:
-    # Never calls stat on target: a daemon that is not serving yet would never answer.
+    # Never calls stat on target, because a daemon that is not serving yet would never reply.
     found = None
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as file:
         for line in file:
@@ -655,10 +655,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
         print(f"borgstorefs umount: error: {path} is a {entry.fstype} mount, not {FSTYPE}", file=sys.stderr)
         return EXIT_ERROR
     # fusermount3 rejects a path through a symbolic link, so it gets the one the mount table shows.
-    result = _fusermount("-u", os.path.realpath(path))
+    resolved = os.path.realpath(path)
+    result = _fusermount("-u", resolved)
     if result.returncode != 0 and _is_disconnected(path):
         logger.info("the daemon of %s is gone; detaching the mount lazily", path)
-        result = _fusermount("-u", "-z", os.path.realpath(path))
+        result = _fusermount("-u", "-z", resolved)
     if result.returncode != 0:
         message = result.stderr.strip().replace("\n", "; ") or f"fusermount3 exited with {result.returncode}"
         print(f"borgstorefs umount: error: {message}", file=sys.stderr)

@@ -28,6 +28,7 @@ from itertools import chain
 from typing import BinaryIO, ParamSpec, Self, TypeVar
 
 from .backends import Backend, ItemInfo, PosixFS, SpaceInfo, StagedValue, ValueReader, get_backend, redact_url
+from .backends._base import item_name
 from .errors import (
     BackendAlreadyExists,
     BackendDoesNotExist,
@@ -157,20 +158,13 @@ class StoreReader(ValueReader):
     """A value opened with `Store.open_reader`: the backend's reader, with each read counted as a load."""
 
     def __init__(self, store: Store, name: str, reader: ValueReader) -> None:
+        super().__init__(reader.size, reader.mtime_ns)
         self.name = name
         self._store = store
         self._reader = reader
 
     def __repr__(self) -> str:
         return f"StoreReader({self.name!r}, {self._reader!r})"
-
-    @property
-    def size(self) -> int:
-        return self._reader.size
-
-    @property
-    def mtime_ns(self) -> int | None:
-        return self._reader.mtime_ns
 
     def read(self, offset: int, size: int) -> bytes:
         with self._store._operation("load", f"read({self.name!r}, offset={offset}, size={size})") as operation:
@@ -560,7 +554,7 @@ class Store:
                 if not entry.directory and entry.name.endswith(DEL_SUFFIX)
             ]
             # Without the suffix the order can change ("a-b.del" < "a.del" but "a" < "a-b").
-            items.sort(key=_name_of)
+            items.sort(key=item_name)
         else:
             items = [entry for entry in entries if not entry.directory and not entry.name.endswith(DEL_SUFFIX)]
         if depth >= max_depth:
@@ -573,7 +567,7 @@ class Store:
         )
         # Keys in this directory and keys in nesting directories below it
         # interleave when a namespace mixes levels; both streams are sorted.
-        return heapq.merge(items, below, key=_name_of)
+        return heapq.merge(items, below, key=item_name)
 
     # Backend facts
 
@@ -619,10 +613,6 @@ class _Operation:
     def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         if exc_type is None:
             self._store._finish_operation(self._kind, self._description, self.volume, self._start)
-
-
-def _name_of(info: ItemInfo) -> str:
-    return info.name
 
 
 # MStore is a public name of this module, imported on first access because borgstorefs.mstore imports this module.

@@ -72,9 +72,6 @@ class QuickLock:
     def __init__(self) -> None:
         self._lock = trio.Lock()
 
-    def locked(self) -> bool:
-        return self._lock.locked()
-
     async def __aenter__(self) -> None:
         try:
             self._lock.acquire_nowait()

@@ -772,10 +772,16 @@ def test_killed_ssh_process_reconnects(own_sshd: SSHServer, tmp_path: Path, capl
     backend.destroy()
 
 
+def in_force_cipher_options(sshd: SSHServer) -> list[str]:
+    """Return `sftp_ssh.cipher_options` for *sshd* under the ssh_config in force."""
+    options = sftp_ssh.ssh_settings(sftp_ssh.destination_options("127.0.0.1", sshd.user, sshd.port), "127.0.0.1", 10)
+    return sftp_ssh.cipher_options(options, "127.0.0.1", sshd.user, sshd.port, timeout=10)
+
+
 def test_aes_gcm_preferred_by_default(sshd: SSHServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sftp_ssh, "cpu_has_aes", lambda: True)
 
-    options = sftp_ssh.cipher_options("127.0.0.1", sshd.user, sshd.port, timeout=10)
+    options = in_force_cipher_options(sshd)
 
     assert options[0] == "-o"
     assert options[1].startswith("Ciphers=aes128-gcm@openssh.com,")
@@ -788,10 +794,10 @@ def test_configured_ciphers_kept(sshd: SSHServer, tmp_path: Path, monkeypatch: p
     monkeypatch.setenv(CONFIG_ENV, str(config))
     monkeypatch.setattr(sftp_ssh, "cpu_has_aes", lambda: True)
 
-    assert sftp_ssh.cipher_options("127.0.0.1", sshd.user, sshd.port, timeout=10) == []
+    assert in_force_cipher_options(sshd) == []
 
 
 def test_no_cipher_change_without_aes(sshd: SSHServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sftp_ssh, "cpu_has_aes", lambda: False)
 
-    assert sftp_ssh.cipher_options("127.0.0.1", sshd.user, sshd.port, timeout=10) == []
+    assert in_force_cipher_options(sshd) == []

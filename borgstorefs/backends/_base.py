@@ -12,6 +12,7 @@ because the FUSE daemon runs store calls in a pool of worker threads.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import re
 import shutil
@@ -41,6 +42,10 @@ class ItemInfo(NamedTuple):
     size: int
     directory: bool
     mtime_ns: int | None = None
+
+
+item_name = operator.itemgetter(0)
+"""Sort key for `ItemInfo` tuples: the name, their first field, without building a tuple per call."""
 
 
 class SpaceInfo(NamedTuple):
@@ -187,15 +192,19 @@ class ValueReader(ABC):
     `close` may be called while reads run, which finish first.
     """
 
-    @property
-    @abstractmethod
-    def size(self) -> int:
-        """Size of the value in bytes when it was opened."""
+    def __init__(self, size: int, mtime_ns: int | None) -> None:
+        self._size = size
+        self._mtime_ns = mtime_ns
 
     @property
-    @abstractmethod
+    def size(self) -> int:
+        """Size of the value in bytes when it was opened."""
+        return self._size
+
+    @property
     def mtime_ns(self) -> int | None:
         """Modification time when it was opened, in nanoseconds since the epoch, or None where unknown."""
+        return self._mtime_ns
 
     @abstractmethod
     def read(self, offset: int, size: int) -> bytes:
@@ -230,19 +239,10 @@ class LoadingReader(ValueReader):
     """
 
     def __init__(self, backend: Backend, name: str, info: ItemInfo) -> None:
+        super().__init__(info.size, info.mtime_ns)
         self._backend = backend
         self._name = name
-        self._size = info.size
-        self._mtime_ns = info.mtime_ns
         self._closed = False
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def mtime_ns(self) -> int | None:
-        return self._mtime_ns
 
     def read(self, offset: int, size: int) -> bytes:
         check_read_range(offset, size)

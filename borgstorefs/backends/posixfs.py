@@ -16,7 +16,6 @@ import ctypes
 import ctypes.util
 import errno
 import logging
-import operator
 import os
 import secrets
 import shutil
@@ -48,6 +47,7 @@ from ._base import (
     StagedValue,
     ValueReader,
     check_read_range,
+    item_name,
     validate_backend_name,
 )
 
@@ -256,8 +256,7 @@ class PosixReader(ValueReader):
             except BaseException:
                 os.close(self._fd)
                 raise
-        self._size = st.st_size
-        self._mtime_ns = st.st_mtime_ns
+        super().__init__(st.st_size, st.st_mtime_ns)
         # The descriptor is closed by the call that ends the last use: `close`, or
         # the last read that ran while `close` was called. Closing it under a
         # running pread could let a new file reuse the number for that read.
@@ -267,14 +266,6 @@ class PosixReader(ValueReader):
 
     def __repr__(self) -> str:
         return f"PosixReader({self._name!r}, fd={self._fd})"
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def mtime_ns(self) -> int | None:
-        return self._mtime_ns
 
     def read(self, offset: int, size: int) -> bytes:
         check_read_range(offset, size)
@@ -383,7 +374,7 @@ class PosixFS(Backend):
                     add(make((entry.name, True, 0, True, st.st_mtime_ns)))
                 else:
                     add(make((entry.name, True, st.st_size, False, st.st_mtime_ns)))
-        infos.sort(key=_by_name)  # names are unique: comparing whole tuples would only cost time
+        infos.sort(key=item_name)  # names are unique: comparing whole tuples would only cost time
         return iter(infos)
 
     def list_kinds(self, name: str) -> list[tuple[str, bool]]:
@@ -499,9 +490,6 @@ class PosixFS(Backend):
         with translate_os_errors(str(self.base)):
             st = os.statvfs(self.base)
         return SpaceInfo(st.f_blocks * st.f_frsize, st.f_bfree * st.f_frsize, st.f_bavail * st.f_frsize)
-
-
-_by_name = operator.itemgetter(0)
 
 
 def read_exactly(fd: int, size: int, offset: int) -> bytes:

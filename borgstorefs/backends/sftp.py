@@ -108,7 +108,15 @@ from .sftp_session import (
     parse_attributes,
     reconnecting,
 )
-from .sftp_ssh import SSHConnection, cipher_options, resolve_ssh_target, sftp_command, ssh_available
+from .sftp_ssh import (
+    SSHConnection,
+    cipher_options,
+    destination_options,
+    sftp_command,
+    ssh_available,
+    ssh_settings,
+    ssh_target,
+)
 from .sftp_staged import SFTPStagedValue
 
 logger = logging.getLogger(__name__)
@@ -268,13 +276,14 @@ class SFTPBackend(Backend):
         # The ssh config is read at every connect, so a changed
         # BORGSTOREFS_SSH_CONFIG (or HOME, for paramiko) applies to the next connection.
         if self.transport == "ssh":
-            target = resolve_ssh_target(self.host, self.user, self.port, self.timeout)
+            settings = ssh_settings(destination_options(self.host, self.user, self.port), self.host, self.timeout)
+            target = ssh_target(settings, self.host, self.user)
         else:
             target = resolve_target(self.host, self.user, self.port)
         self._pool.label = target.label
         self._retrier.label = target.label
         if self.transport == "ssh":
-            ciphers = cipher_options(self.host, self.user, self.port, self.timeout)
+            ciphers = cipher_options(settings, self.host, self.user, self.port, self.timeout)
             command = sftp_command(
                 self.host, self.user, self.port, timeout=self.timeout, keepalive=self.keepalive, extra_options=ciphers
             )

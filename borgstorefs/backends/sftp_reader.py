@@ -49,20 +49,13 @@ class SFTPReader(ValueReader):
         self._lock = threading.Lock()
         self._closed = False
         self._session, self._handle, attrs = self._retrier.call(f"open_reader({name!r})", self._open_handle)
-        self._size = attrs.size or 0
+        # SFTP version 3 carries whole seconds, which a reopen compares.
         self._mtime = attrs.mtime
+        super().__init__(attrs.size or 0, attrs.mtime * 1_000_000_000 if attrs.mtime is not None else None)
         logger.debug("opened reader of %s on %s", path, self._pool.label)
 
     def __repr__(self) -> str:
         return f"SFTPReader({self._name!r})"
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def mtime_ns(self) -> int | None:
-        return self._mtime * 1_000_000_000 if self._mtime is not None else None
 
     def _open_handle(self) -> tuple[SFTPSession, bytes, Attributes]:
         """Open the item in the session with the fewest readers and pin that session."""
