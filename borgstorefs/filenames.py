@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-from .names import DEL_SUFFIX, MAX_KEY_LENGTH, TMP_SUFFIX, is_valid_key
+from .names import DEL_SUFFIX, MAX_KEY_LENGTH, TMP_SUFFIX, VALID_KEY
 
 __all__ = ["MAX_NAME_BYTES", "InvalidName", "NameTooLong", "decode_key", "encode_name"]
 
@@ -47,7 +47,7 @@ class NameTooLong(ValueError):
 
 def _is_plain_key(text: str) -> bool:
     """Return whether *text* is a valid key without ``%``, which stands for itself."""
-    return "%" not in text and is_valid_key(text)
+    return "%" not in text and VALID_KEY.fullmatch(text) is not None
 
 
 def _check_name(name: bytes) -> None:
@@ -89,7 +89,7 @@ def encode_name(name: bytes) -> str:
 def decode_key(key: str) -> bytes | None:
     """Return the file name whose encoding is *key*, or None if no name encodes to it."""
     if "%" not in key:
-        return key.encode("ascii") if _is_plain_key(key) else None
+        return key.encode("ascii") if VALID_KEY.fullmatch(key) else None
     if not key.isascii():
         return None
     pieces = []

@@ -33,10 +33,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import trio
+
 from .errnos import FSError
 from .errors import ObjectAlreadyExists, ObjectNotFound
 from .filenames import decode_key, encode_name
-from .handles import FileHandle, FileHandleNo, FileState
+from .handles import FileHandle, FileHandleNo, FileState, KernelPages
 from .inodes import InodeNo, InodeTable, Node, NodeKind
 from .names import MAX_KEY_LENGTH, ROOTNS
 from .nesting import fits_level
@@ -80,6 +82,18 @@ MTIME_MEMO_SIZE = 100_000
 HIDDEN_KEY_WARNINGS = 1000
 """Keys without a file name that are logged one by one; later ones are only counted."""
 
+INDEX_AFTER_LOOKUPS = 64
+"""Store lookups in one namespace, within `INDEX_WINDOW` seconds, after which the namespace is
+listed once and further lookups are served from that listing (see `FileSystem`)."""
+
+INDEX_WINDOW = 2.0
+
+INDEX_WAIT = 1.0
+"""Seconds a lookup waits for a listing of its namespace in progress before it asks the store itself."""
+
+INDEX_MAX_KEYS = 500_000
+"""Largest namespace listed for lookups (about 150 bytes of memory per key)."""
+
 
 @dataclass(frozen=True)
 class FSOptions:
@@ -89,6 +103,8 @@ class FSOptions:
     attr_timeout: float = 10.0
     entry_timeout: float = 10.0
     negative_timeout: float = 10.0
+    read_around: int = 0
+    """Bytes loaded around a small read at a new place, the rest kept in the kernel's page cache (0: off)."""
     uid: int = 0
     gid: int = 0
 
@@ -138,12 +154,43 @@ class _Listing(NamedTuple):
 
 
 class _Directory:
-    """An open directory: a snapshot of its entries, taken by the first ``readdir``."""
+    """An open directory: a snapshot of its entries, taken by the first ``readdir``.
+
+    The snapshot grows while a worker thread lists the store (`FileSystem._fill`),
+    so that the first entries of a large namespace reach the kernel before the
+    last ones are read. ``entries`` only grows, and only in the trio thread.
+    """
 
     def __init__(self, node: Node) -> None:
         self.node = node
         self.entries: list[_Listing] | None = None
-        self.listed_at = 0.0  # time.monotonic() when the entries were read from the store
+        self.listed_at = 0.0  # time.monotonic() when the listing started
+        self.complete = False
+        self.failure: Exception | None = None
+        """The error that ended the listing early, raised to the ``readdir`` that needs the missing entries."""
+        self.listing = 0
+        """Number of the listing in progress: batches of an earlier one (before a rewind) are dropped."""
+        self.closed = False
+        self.grown = trio.Event()
+        """Set, and then replaced, each time entries arrive or the listing ends."""
+
+    def wake(self) -> None:
+        self.grown.set()
+        self.grown = trio.Event()
+
+
+class _KeyIndex:
+    """The items of one namespace as listed from ``listed_at`` on: key -> (size, mtime_ns).
+
+    ``changes`` is `Store.changes` when the listing started.
+    """
+
+    __slots__ = ("changes", "items", "listed_at")
+
+    def __init__(self, items: dict[str, tuple[int, int | None]], changes: int, listed_at: float) -> None:
+        self.items = items
+        self.changes = changes
+        self.listed_at = listed_at
 
 
 class FileSystem:
@@ -164,6 +211,8 @@ class FileSystem:
         self.invalidate_entry: Callable[[InodeNo, bytes], None] = _ignore_invalidation
         """Set by the adapter: invalidates a cached directory entry in the kernel."""
         self.spawn: Callable[..., object] | None = None
+        self.kernel_pages: KernelPages | None = None
+        """Set by the adapter: access to the kernel's page cache (see `FSOptions.read_around`)."""
         """A nursery's ``start_soon`` for writes behind (see `FileState`); None writes synchronously."""
         self._files: dict[InodeNo, FileState] = {}
         self._handles: dict[FileHandleNo, FileHandle] = {}
@@ -177,6 +226,9 @@ class FileSystem:
         self._mtime_memo: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._hidden_keys: set[str] = set()
         self._hidden_key_count = 0
+        self._indexes: dict[str, _KeyIndex] = {}
+        self._index_lookups: dict[str, tuple[int, float]] = {}  # namespace: (store lookups, window start)
+        self._indexing: dict[str, trio.Event] = {}  # namespace: set when its listing for lookups ends
         write_bits = 0 if self.options.read_only else 0o200
         self._file_mode = stat.S_IFREG | 0o444 | write_bits
         self._directory_mode = stat.S_IFDIR | 0o555 | write_bits
@@ -298,9 +350,102 @@ class FileSystem:
             return node  # created or changed here and not committed yet
         if not self._can_exist(namespace, key):
             return None
-        name = f"{namespace}/{key}" if namespace else key
-        info = await self.runner.run_quick(self.store.info, name, deleted=kind == NodeKind.TRASH_FILE)
+        info = None
+        if kind == NodeKind.FILE:
+            listing = self._indexing.get(namespace)
+            if listing is not None:
+                # The listing holds a store session: a lookup now could have to open another.
+                with trio.move_on_after(INDEX_WAIT):
+                    await listing.wait()
+            info = self._indexed_info(namespace, key)
+        if info is None:
+            name = f"{namespace}/{key}" if namespace else key
+            info = await self.runner.run_quick(self.store.info, name, deleted=kind == NodeKind.TRASH_FILE)
+            if kind == NodeKind.FILE:
+                self._count_store_lookup(namespace)
         return self._file_node(kind, namespace, key, info)
+
+    # Lookups served from a listing
+    #
+    # A program that looks up many names of one namespace in a row (rsync
+    # comparing its file list, a backup tool checking what exists) would pay
+    # one store call per name, a network round trip over SFTP. After
+    # INDEX_AFTER_LOOKUPS of them the namespace is listed once in the
+    # background, and lookups are served from that listing while it is
+    # younger than entry_timeout. A name that changed through this mount since
+    # the listing started is looked up in the store (`Store.changed_since`).
+    # Changes by other clients of the store show after entry_timeout at the
+    # latest: the kernel caches looked-up names that long anyway. Namespaces
+    # with nesting levels are not listed, since that reads every nesting
+    # directory.
+
+    def _indexed_info(self, namespace: str, key: str) -> ItemInfo | None:
+        """Return the facts about *key* from its namespace's listing, or None if there is no valid listing."""
+        index = self._indexes.get(namespace)
+        if index is None:
+            return None
+        changed = self.store.changed_since(index.changes, f"{namespace}/{key}" if namespace else key)
+        if changed is None or time.monotonic() - index.listed_at > self.options.entry_timeout:
+            del self._indexes[namespace]
+            return None
+        if changed:
+            return None
+        found = index.items.get(key)
+        if found is None:
+            return ItemInfo(key, False, 0, False)
+        return ItemInfo(key, True, found[0], False, found[1])
+
+    def _count_store_lookup(self, namespace: str) -> None:
+        changes = getattr(self.store, "changes", None)
+        if (
+            changes is None  # several stores (MStore) keep no change log
+            or self.spawn is None
+            or self.options.entry_timeout <= 0
+            or namespace in self._indexing
+            or namespace in self._indexes  # it looks up the names that changed since the listing
+        ):
+            return
+        now = time.monotonic()
+        count, window_start = self._index_lookups.get(namespace, (0, now))
+        if now - window_start > INDEX_WINDOW:
+            count, window_start = 0, now
+        count += 1
+        self._index_lookups[namespace] = (count, window_start)
+        if count < INDEX_AFTER_LOOKUPS:
+            return
+        if any(level != 0 for level in self.store.levels_of(namespace)):
+            return
+        del self._index_lookups[namespace]
+        self._indexing[namespace] = trio.Event()
+        self.spawn(self._build_index, namespace, changes)
+
+    async def _build_index(self, namespace: str, changes: int) -> None:
+        listed_at = time.monotonic()
+        try:
+            items = await self.runner.run(self._index_items, namespace)
+        except Exception as error:
+            # Lookups go on with one store call each, as before; only the listing is lost.
+            logger.warning("listing namespace %r for lookups failed: %s", namespace, error)
+        else:
+            if items is None:
+                logger.info(
+                    "namespace %r has more than %d keys: lookups are not served from a listing",
+                    namespace,
+                    INDEX_MAX_KEYS,
+                )
+            else:
+                self._indexes[namespace] = _KeyIndex(items, changes, listed_at)
+                logger.debug("serving lookups in %r from a listing of %d keys", namespace, len(items))
+        finally:
+            self._indexing.pop(namespace).set()
+
+    def _index_items(self, namespace: str) -> dict[str, tuple[int, int | None]] | None:
+        items = {}
+        for info in self.store.list(namespace):
+            if len(items) >= INDEX_MAX_KEYS:
+                return None
+            items[info.name] = (info.size, info.mtime_ns)
+        return items
 
     def _file_node(self, kind: NodeKind, namespace: str, key: str, info: ItemInfo) -> Node | None:
         node = self.inodes.find(kind, namespace, key)
@@ -398,17 +543,25 @@ class FileSystem:
     async def readdir(self, dh: int, start: int) -> Iterator[ListedEntry]:
         """Return the entries of open directory *dh* from offset *start* (0: the beginning).
 
-        The first call lists the store once and keeps a snapshot, so that the
-        kernel's many small ``readdirplus`` requests cost no further store
-        calls. Starting again at 0 lists again. The caller must pass every
-        entry it replies with, and only those, to `count_listed`.
+        The first call starts one `Store.list` pass and keeps its entries, so
+        that the kernel's many ``readdirplus`` requests cost no further store
+        calls. It returns as soon as the first entries are there. Starting
+        again at 0 lists again. The caller must pass every entry it replies
+        with, and only those, to `count_listed`.
         """
         directory = self._directories.get(dh)
         if directory is None:
             raise FSError(errno.EBADF, f"directory handle {dh} is not open")
         if directory.entries is None or start == 0:
-            directory.listed_at = time.monotonic()
-            directory.entries = await self._list(directory.node)
+            await self._start_listing(directory)
+        assert directory.entries is not None
+        # Offsets 0 and 1 are "." and "..": the first call waits for one entry too,
+        # so that a listing that fails at once fails this call, as a whole listing would.
+        needed = max(start - 2, 0)
+        while not directory.complete and len(directory.entries) <= needed:
+            await directory.grown.wait()
+        if directory.failure is not None and len(directory.entries) <= needed:
+            raise directory.failure
         return self._entries_from(directory, start)
 
     def _entries_from(self, directory: _Directory, start: int) -> Iterator[ListedEntry]:
@@ -449,33 +602,69 @@ class FileSystem:
         """Close directory handle *dh*."""
         directory = self._directories.pop(dh, None)
         if directory is not None:
+            directory.closed = True
             self.inodes.closed(directory.node)
 
-    async def _list(self, node: Node) -> list[_Listing]:
-        listing, hidden = await self.runner.run(self._list_sync, node)
-        for namespace, key in hidden:
-            self._warn_hidden_key(namespace, key)
-        if node.kind in (NodeKind.ROOT, NodeKind.NAMESPACE):
-            listing.extend(self._uncommitted_files(node, listing))
-        return listing
+    async def _start_listing(self, directory: _Directory) -> None:
+        directory.listing += 1
+        directory.entries = []
+        directory.complete = False
+        directory.failure = None
+        directory.listed_at = time.monotonic()
+        if self.spawn is None:
+            await self._fill(directory, directory.listing)
+        else:
+            self.spawn(self._fill, directory, directory.listing)
 
-    def _list_sync(self, node: Node) -> tuple[list[_Listing], list[tuple[str, str]]]:
-        """List directory *node* in a worker thread; return its entries and the keys without file names."""
-        listing: list[_Listing] = []
+    async def _fill(self, directory: _Directory, listing: int) -> None:
+        """List *directory* from the store into ``directory.entries``; an error ends up in ``directory.failure``."""
+
+        def current() -> bool:
+            return directory.listing == listing and not directory.closed
+
+        def deliver(rows: list[_Listing]) -> bool:
+            if not current():
+                return False
+            assert directory.entries is not None
+            directory.entries.extend(rows)
+            directory.wake()
+            return True
+
+        node = directory.node
         hidden: list[tuple[str, str]] = []
+        try:
+            await self.runner.feed(self._listing_rows(node, hidden), deliver)
+        except Exception as error:
+            # Raised again by the readdir that needs the missing entries, which maps it to an errno.
+            logger.debug("listing %r failed: %r", node, error)
+            if current():
+                directory.failure = error
+        else:
+            for namespace, key in hidden:
+                self._warn_hidden_key(namespace, key)
+            if current() and node.kind in (NodeKind.ROOT, NodeKind.NAMESPACE):
+                assert directory.entries is not None
+                directory.entries.extend(self._uncommitted_files(node, directory.entries))
+        finally:
+            if directory.listing == listing:
+                directory.complete = True
+                directory.wake()
+
+    def _listing_rows(self, node: Node, hidden: list[tuple[str, str]]) -> Iterator[_Listing]:
+        """Yield the entries of directory *node* (in a worker thread); add the keys without file names to *hidden*."""
         deleted = node.kind.in_trash
         file_kind = NodeKind.TRASH_FILE if deleted else NodeKind.FILE
         if node.kind in (NodeKind.ROOT, NodeKind.TRASH_ROOT):
             namespace = ROOTNS
             directory_kind = NodeKind.TRASH_NAMESPACE if deleted else NodeKind.NAMESPACE
             if node.kind == NodeKind.ROOT:
-                listing.append(_Listing(TRASH_NAME, NodeKind.TRASH_ROOT, "", "", 0, 0))
+                yield _Listing(TRASH_NAME, NodeKind.TRASH_ROOT, "", "", 0, 0)
             for name in self.store.namespaces():
                 decoded = decode_key(name)
                 if decoded is None:
                     hidden.append((ROOTNS, name))
                 else:
-                    listing.append(_Listing(decoded, directory_kind, name, "", 0, 0))
+                    yield _Listing(decoded, directory_kind, name, "", 0, 0)
         else:
             namespace = node.namespace
         started = self._started_ns
@@ -488,8 +677,7 @@ class FileSystem:
             mtime = info.mtime_ns if info.mtime_ns is not None else started
             if memo:
                 mtime = self._reported_mtime(f"{namespace}/{info.name}" if namespace else info.name, mtime)
-            listing.append(_Listing(decoded, file_kind, namespace, info.name, info.size, mtime))
-        return listing, hidden
+            yield _Listing(decoded, file_kind, namespace, info.name, info.size, mtime)
 
     def _uncommitted_files(self, node: Node, listing: list[_Listing]) -> list[_Listing]:
         """Return entries for files created here and not yet in the store."""
@@ -807,10 +995,14 @@ class FileSystem:
             writable=writable,
             append=bool(flags & os.O_APPEND),
             spawn=self.spawn,
+            read_around=self.options.read_around,
+            kernel_pages=self.kernel_pages,
         )
         self._handles[number] = handle
         if not reserved:
             state.handles += 1
+        if writable:
+            state.writers += 1
         self.inodes.opened(node)
         return handle
 
@@ -852,6 +1044,8 @@ class FileSystem:
         state = handle.state
         node = state.node
         state.handles -= 1
+        if handle.writable:
+            state.writers -= 1
         try:
             if state.handles == 0:
                 try:

@@ -18,6 +18,7 @@ import pyfuse3
 
 from .errnos import errno_boundary
 from .fs import Attributes, FileSystem
+from .handles import KernelPages
 from .inodes import ROOT_INODE, InodeNo
 
 __all__ = ["Operations"]
@@ -48,6 +49,7 @@ class Operations(pyfuse3.Operations):
         self._entry_timeout = options.entry_timeout
         self._negative_timeout = options.negative_timeout
         fs.invalidate_entry = self._invalidate_entry
+        fs.kernel_pages = KernelPages(pyfuse3.notify_store, _drop_pages)
 
     def _entry(self, attributes: Attributes) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
@@ -292,3 +294,8 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         """Close a handle; the last one commits what is left. The kernel discards errors here."""
         await self.fs.release(fh)
+
+
+def _drop_pages(inode: int) -> None:
+    """Drop the kernel's cached pages of *inode*; its attributes stay cached."""
+    pyfuse3.invalidate_inode(pyfuse3.InodeT(inode), attr_only=False)

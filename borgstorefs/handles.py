@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import time
 from collections.abc import Callable
-from typing import NewType
+from typing import NamedTuple, NewType
 
 import trio
 
@@ -50,6 +51,7 @@ __all__ = [
     "FileHandle",
     "FileHandleNo",
     "FileState",
+    "KernelPages",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,6 +77,21 @@ QUICK_COMMIT_MAX = 128 * 1024
 
 DIRECT_WRITE_MIN = 256 * 1024
 """Writes of at least this many bytes go to the staged value at once instead of the buffer."""
+
+PAGE_SIZE = mmap.PAGESIZE
+"""Unit of the kernel's page cache in bytes."""
+
+
+class KernelPages(NamedTuple):
+    """Calls into the kernel's page cache of files, given by the FUSE adapter.
+
+    Both block and may raise `OSError`, so they run in worker threads.
+    """
+
+    store: Callable[[int, int, bytes], None]
+    """Store ``(inode, offset, data)`` as cached pages of the file."""
+    invalidate: Callable[[int], None]
+    """Drop the cached pages of an inode."""
 
 
 class FileState:
@@ -117,6 +134,7 @@ class FileState:
         self._spawn = spawn
         self.lock = QuickLock()
         self.handles = 0
+        self.writers = 0  # handles open for writing
         self.unlinked = False
         self.version = 0
         self._staged: StagedItem | None = None
@@ -525,6 +543,8 @@ class FileHandle:
         writable: bool,
         append: bool,
         spawn: Callable[..., object] | None = None,
+        read_around: int = 0,
+        kernel_pages: KernelPages | None = None,
     ) -> None:
         self.number = number
         self.state = state
@@ -533,6 +553,8 @@ class FileHandle:
         self._store = store
         self._runner = runner
         self._spawn = spawn
+        self._read_around = read_around if spawn is not None and kernel_pages is not None else 0
+        self._kernel_pages = kernel_pages
         self._lock = QuickLock()
         self._window = b""
         self._window_offset = 0
@@ -588,9 +610,58 @@ class FileHandle:
             requested = max(self._window_size, size)
         else:
             self._window_size = 0
+            if size < self._read_around:
+                await self._load_around(offset, size, version)
+                return
             requested = size
         data = await self._load(offset, requested)
         self._set_window(offset, data, requested, version)
+
+    async def _load_around(self, offset: int, size: int, version: int) -> None:
+        """Load the aligned block of `read_around` bytes around a small read at a new place.
+
+        Over a network a round trip costs more than the bytes of the block, and a
+        random reader tends to come back near where it read before. The rest of
+        the block goes to the kernel's page cache, so those later reads never
+        reach the daemon.
+        """
+        start = offset - offset % self._read_around
+        requested = max(self._read_around, offset + size - start)
+        data = await self._load(start, requested)
+        self._set_window(start, data, requested, version)
+        assert self._spawn is not None
+        self._spawn(self._push_around, start, data, offset, size, version)
+
+    async def _push_around(self, start: int, data: bytes, offset: int, size: int, version: int) -> None:
+        state = self.state
+        ino = state.node.ino
+        # The kernel holds the pages of the pending read locked until it has the reply, so
+        # they are left out, and the rest is pushed from a worker thread after the reply.
+        read_start = offset - offset % PAGE_SIZE
+        read_end = -(-(offset + size) // PAGE_SIZE) * PAGE_SIZE
+        end = min(start + len(data), state.size)  # data past the kernel's file size would extend the file
+        parts = [(start, data[: read_start - start]), (read_end, data[read_end - start : end - start])]
+
+        pages = self._kernel_pages
+        assert pages is not None
+
+        def unchanged() -> bool:
+            return not state.dirty and state.writers == 0 and state.version == version
+
+        def push() -> None:
+            for part_offset, part in parts:
+                if part and unchanged():
+                    pages.store(ino, part_offset, part)
+            if not unchanged():
+                # A write that began during the push may have been overtaken by
+                # older pages: drop them, so that the next read goes to the daemon.
+                pages.invalidate(ino)
+
+        try:
+            await self._runner.run(push)
+        except OSError as error:
+            # Only the cache is lost: the kernel requests those pages again when they are read.
+            logger.debug("storing pages of %r in the page cache failed: %s", state.node.store_name, error)
 
     def _set_window(self, offset: int, data: bytes, requested: int, version: int) -> None:
         self._window = data

@@ -64,6 +64,17 @@ daemon as 128 KiB requests. At 1 MiB, the largest request libfuse 3 accepts,
 a 1 GiB read takes half as long on a local store.
 """
 
+DEFAULT_READ_AROUND_KIB = 256
+"""Block loaded around a small read at a new place of a file on a remote store, in KiB (``-o read_around=KIB``).
+
+The rest of the block goes to the kernel's page cache. Over SFTP a 256 KiB load
+costs little more than the round trip of a 4 KiB one (about 0.5 ms on
+loopback), and random readers of a file often come back near earlier reads.
+"""
+
+MAX_READ_AROUND_KIB = 8 * 1024
+"""Largest ``-o read_around`` accepted, in KiB: the block is held in memory once per open handle."""
+
 MAX_READ_AHEAD_KIB = 1024 * 1024
 """Largest ``-o read_ahead`` accepted, in KiB (1 GiB): more would only fill the page cache for nothing."""
 
@@ -131,7 +142,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         help="mount options: ro, rw, allow_other, allow_root, debug (libfuse's own request log), "
         "attr_timeout=SECONDS, entry_timeout=SECONDS, negative_timeout=SECONDS (default "
         f"{DEFAULT_TIMEOUT:g} each), read_ahead=KIB (kernel read-ahead, default {DEFAULT_READ_AHEAD_KIB}; "
-        f"0 keeps the kernel's), threads=N (store calls at once, default {DEFAULT_THREADS}), "
+        f"0 keeps the kernel's), read_around=KIB (block loaded around a random read and kept in the kernel's "
+        f"page cache, default {DEFAULT_READ_AROUND_KIB} for remote stores and 0, off, for file:// stores), "
+        f"threads=N (store calls at once, default {DEFAULT_THREADS}), "
         "inline_quick or threaded_quick (run quick store calls, metadata and reads up to 128 KiB, in the "
         "request loop or in worker threads; default: inline for file:// stores), "
         "and the generic noatime, nodev, nosuid, noexec, sync, dirsync",
@@ -176,6 +189,7 @@ class MountSettings:
         self.read_ahead_kib = DEFAULT_READ_AHEAD_KIB
         self.read_ahead_given = False  # a failure to apply it is then a warning, not a note
         self.inline_quick: bool | None = None  # None: inline for local (file://) stores
+        self.read_around_kib: int | None = None  # None: the default for remote stores, off for local ones
         self.fuse_options: set[str] = set()
         for option in (part for arg in option_args for part in arg.split(",") if part):
             self._add(option)
@@ -197,6 +211,12 @@ class MountSettings:
             if self.read_ahead_kib > MAX_READ_AHEAD_KIB:
                 raise MountError(f"invalid value in -o {option}: must be at most {MAX_READ_AHEAD_KIB}")
             self.read_ahead_given = True
+        elif equals and name == "read_around":
+            self.read_around_kib = int(_parse_number(option, value, int, 0))
+            if self.read_around_kib > MAX_READ_AROUND_KIB:
+                raise MountError(f"invalid value in -o {option}: must be at most {MAX_READ_AROUND_KIB}")
+            if self.read_around_kib % 4:
+                raise MountError(f"invalid value in -o {option}: must be a multiple of 4, the page size in KiB")
         elif equals and name == "max_read":
             self.fuse_options.add(f"max_read={_parse_number(option, value, int, 4096)}")
         elif option in ("default_permissions", "fsname", "subtype") or name in ("fsname", "subtype"):
@@ -408,15 +428,20 @@ def run_daemon(
     # Resolved before mounting: resolving the mountpoint afterwards would wait for this daemon.
     mountpoint = os.path.realpath(args.mountpoint)
     store = _open_store(args, spec)
+    local = _all_local(store)
+    read_around_kib = settings.read_around_kib
+    if read_around_kib is None:
+        read_around_kib = 0 if local else DEFAULT_READ_AROUND_KIB
     options = FSOptions(
         read_only=settings.read_only,
+        read_around=read_around_kib * 1024,
         attr_timeout=settings.timeouts["attr_timeout"],
         entry_timeout=settings.timeouts["entry_timeout"],
         negative_timeout=settings.timeouts["negative_timeout"],
         uid=os.getuid(),
         gid=os.getgid(),
     )
-    inline = settings.inline_quick if settings.inline_quick is not None else _all_local(store)
+    inline = settings.inline_quick if settings.inline_quick is not None else local
     # FileSystem is annotated with Store, and MStore provides every Store method that it calls.
     fs = FileSystem(cast(Store, store), options, StoreRunner(settings.threads, inline_quick=inline))
     try:

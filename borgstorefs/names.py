@@ -59,20 +59,24 @@ def validate_key(key: str, *, what: str = "key") -> None:
         raise ValueError(f"invalid {what} {key!r}: {problem}")
 
 
-_PLAIN_KEY = re.compile(r"[!-.0-@\[\]-~]+")
-"""Keys made only of allowed characters: printable ASCII without space, uppercase, ``/`` or backslash."""
+_KEY_CHARACTERS = r"!-.0-@\[\]-~"
+"""Characters a key may contain: printable ASCII without space, uppercase, ``/`` or backslash."""
+
+
+def _key_pattern(characters: str) -> re.Pattern[str]:
+    """Return a pattern that fully matches the keys made of *characters* that follow every rule."""
+    reserved = "|".join(re.escape(suffix) for suffix in (DEL_SUFFIX, TMP_SUFFIX))
+    return re.compile(rf"(?!\.)(?!.*\.\.)(?!.*(?:{reserved})$)[{characters}]{{1,{MAX_KEY_LENGTH}}}", re.ASCII)
+
+
+VALID_KEY = _key_pattern(_KEY_CHARACTERS)
+"""Matches (``fullmatch``) exactly the valid keys; listings check each name with it."""
 
 
 def _key_problem(key: str) -> str | None:
     # The common case passes in one regular expression match; the checks
     # below only run to name the problem.
-    if (
-        len(key) <= MAX_KEY_LENGTH
-        and _PLAIN_KEY.fullmatch(key)
-        and ".." not in key
-        and not key.startswith(".")
-        and not key.endswith((DEL_SUFFIX, TMP_SUFFIX))
-    ):
+    if VALID_KEY.fullmatch(key):
         return None
     if not key:
         return "must not be empty"

@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import chain
 from typing import BinaryIO, ParamSpec, Self, TypeVar
@@ -92,6 +92,9 @@ T = TypeVar("T")
 
 STATS_OPERATIONS = ("info", "load", "store", "delete", "move", "list")
 
+CHANGE_LOG_SIZE = 100_000
+"""Names whose latest change a store remembers for `Store.changed_since` (about 100 bytes each)."""
+
 
 class StagedDelegate:
     """Base of the staged items of `Store` and `MStore`: random access to a value being written.
@@ -150,7 +153,7 @@ class StagedItem(StagedDelegate):
         target = name if name is not None else self.name
         nested_name = self._store.find(target)
         size = self._staged.size
-        with self._store._operation("store", f"commit({target!r})", size):
+        with self._store._operation("store", f"commit({target!r})", size, changes=(target,)):
             self._staged.commit(nested_name, mtime_ns=mtime_ns, durable=durable)
 
 
@@ -202,6 +205,9 @@ class Store:
         self._detected_levels: LevelsConfig = {}
         self._stats: Counter[str] = Counter()
         self._stats_lock = threading.Lock()
+        self._changes = 0
+        self._change_log: OrderedDict[str, int] = OrderedDict()  # name: number of its latest change
+        self._forgotten_changes = 0  # the latest change number that the log dropped
         self._latency = float(os.environ.get("BORGSTOREFS_LATENCY_MS", "0")) / 1000
         self._bandwidth = float(os.environ.get("BORGSTOREFS_BANDWIDTH_MIBPS", "0")) * 1024 * 1024
 
@@ -339,13 +345,45 @@ class Store:
 
     # Statistics
 
-    def _operation(self, kind: str, description: str, volume: int = 0) -> _Operation:
+    @property
+    def changes(self) -> int:
+        """The number of the latest change of an item through this store; it only grows.
+
+        Each change counts when it starts and again when it ends. A caller that
+        keeps facts read from the store (a listing) notes this number first and
+        asks `changed_since` about a name before it trusts them.
+        """
+        return self._changes
+
+    def changed_since(self, changes: int, name: str) -> bool | None:
+        """Return whether item *name* changed through this store after `changes` was *changes*.
+
+        None if that is too long ago to tell: the store remembers the latest
+        change of the last `CHANGE_LOG_SIZE` names only.
+        """
+        with self._stats_lock:
+            if changes < self._forgotten_changes:
+                return None
+            latest = self._change_log.get(name)
+        return latest is not None and latest > changes
+
+    def _note_change(self, names: tuple[str, ...]) -> None:
+        with self._stats_lock:
+            for name in names:
+                self._changes += 1
+                self._change_log[name] = self._changes
+                self._change_log.move_to_end(name)
+            while len(self._change_log) > CHANGE_LOG_SIZE:
+                _, self._forgotten_changes = self._change_log.popitem(last=False)
+
+    def _operation(self, kind: str, description: str, volume: int = 0, *, changes: tuple[str, ...] = ()) -> _Operation:
         """Return a context that counts, times and logs one backend operation, and emulates latency and bandwidth.
 
         The caller sets the context's ``volume`` when the size is known only
         afterwards. An operation that raises is neither counted nor logged.
+        *changes* names the items that the operation changes (see `changed_since`).
         """
-        return _Operation(self, kind, description, volume)
+        return _Operation(self, kind, description, volume, changes)
 
     def _finish_operation(self, kind: str, description: str, volume: int, start: int) -> None:
         emulated = self._latency + (volume / self._bandwidth if self._bandwidth else 0.0)
@@ -440,7 +478,7 @@ class Store:
         keeps its nesting level; a new one goes to the last level.
         """
         volume = len(value) if isinstance(value, bytes | bytearray | memoryview) else 0
-        with self._operation("store", f"store({name!r})", volume):
+        with self._operation("store", f"store({name!r})", volume, changes=(name,)):
             self.backend.store(self.find(name), value)
 
     def stage(self, name: str, *, copy_existing: bool = False) -> StagedItem:
@@ -457,14 +495,18 @@ class Store:
 
     def set_mtime(self, name: str, mtime_ns: int, *, deleted: bool = False) -> None:
         """Set the modification time of *name* in nanoseconds since the epoch."""
-        self._backend_call(name, self.backend.set_mtime, self.find(name, deleted=deleted), mtime_ns)
+        self._note_change((name,))
+        try:
+            self._backend_call(name, self.backend.set_mtime, self.find(name, deleted=deleted), mtime_ns)
+        finally:
+            self._note_change((name,))
 
     def delete(self, name: str, *, deleted: bool = False) -> None:
         """Delete *name* for good (with ``deleted=True``: its soft-deleted copy).
 
         See ``move(name, delete=True)`` for soft deletion.
         """
-        with self._operation("delete", f"delete({name!r}, deleted={deleted})"):
+        with self._operation("delete", f"delete({name!r}, deleted={deleted})", changes=(name,)):
             self._backend_call(name, self.backend.delete, self.find(name, deleted=deleted))
 
     def move(
@@ -515,7 +557,8 @@ class Store:
                 raise ValueError(f"move of {name!r} needs new_name, delete, undelete or change_level")
             source, target = self.find(name, deleted=deleted), self.find(new_name, deleted=deleted)
             description = f"rename({name!r}, {new_name!r}, deleted={deleted})"
-        with self._operation("move", description):
+        changes = (name,) if new_name is None else (name, new_name)
+        with self._operation("move", description, changes=changes):
             self._backend_call(name, self.backend.move, source, target, replace=replace)
 
     def list(self, namespace: str, *, deleted: bool = False) -> Iterator[ItemInfo]:
@@ -546,6 +589,13 @@ class Store:
     def _list_directory(self, directory: str, depth: int, max_depth: int, deleted: bool) -> Iterable[ItemInfo]:
         if self._latency:
             time.sleep(self._latency)
+        if depth >= max_depth and not deleted:
+            # The common case stays lazy: the backend may read attributes as the caller goes.
+            return (
+                entry
+                for entry in self.backend.list(directory)
+                if not entry.directory and not entry.name.endswith(DEL_SUFFIX)
+            )
         entries = list(self.backend.list(directory))
         if deleted:
             items = [
@@ -597,20 +647,26 @@ class _Operation:
     runs one per request and the generator machinery costs microseconds.
     """
 
-    __slots__ = ("_description", "_kind", "_start", "_store", "volume")
+    __slots__ = ("_changes", "_description", "_kind", "_start", "_store", "volume")
 
-    def __init__(self, store: Store, kind: str, description: str, volume: int) -> None:
+    def __init__(self, store: Store, kind: str, description: str, volume: int, changes: tuple[str, ...]) -> None:
         self._store = store
         self._kind = kind
         self._description = description
         self.volume = volume
+        self._changes = changes
         self._start = 0
 
     def __enter__(self) -> _Operation:
+        if self._changes:
+            self._store._note_change(self._changes)
         self._start = time.perf_counter_ns()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if self._changes:
+            # Noted at both ends, so that a reader that started during the change also detects it.
+            self._store._note_change(self._changes)
         if exc_type is None:
             self._store._finish_operation(self._kind, self._description, self.volume, self._start)
 

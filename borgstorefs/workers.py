@@ -7,11 +7,16 @@ therefore do not yield when they need not.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+import itertools
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import trio
+
+if TYPE_CHECKING:
+    import outcome  # a dependency of trio
 
 __all__ = ["DEFAULT_THREADS", "QuickLock", "StoreRunner"]
 
@@ -55,9 +60,65 @@ class StoreRunner:
         return await self.run(function, *args, **kwargs)
 
     async def run(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Return ``function(*args, **kwargs)``, called in a worker thread."""
+        """Return ``function(*args, **kwargs)``, called in a worker thread.
+
+        This is `trio.to_thread.run_sync` without what the store calls never
+        use: `trio.from_thread` support, a copy of the context variables and
+        a checkpoint after the limiter. A call of a function that returns at
+        once took 72 µs instead of 110 µs, with trio 0.35 on an idle 2-core
+        VM. Most of what remains is the wake-up of two threads.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
         call = functools.partial(function, *args, **kwargs) if kwargs else functools.partial(function, *args)
-        return await trio.to_thread.run_sync(call, limiter=self.limiter)
+        borrower = object()  # a token per call, as to_thread takes one, so one task may run several calls
+        try:
+            self.limiter.acquire_on_behalf_of_nowait(borrower)
+        except trio.WouldBlock:
+            await self.limiter.acquire_on_behalf_of(borrower)
+        try:
+            return await _call_in_thread(call)
+        finally:
+            self.limiter.release_on_behalf_of(borrower)
+
+    async def feed(
+        self, rows: Iterator[T], deliver: Callable[[list[T]], bool], *, first: int = 128, batch: int = 4096
+    ) -> None:
+        """Pull *rows* in one worker thread and pass them to *deliver*, in the trio thread, in lists.
+
+        The first list contains at most *first* rows, so that the consumer can start
+        early; the others up to *batch*, since each hand-off stops the worker until
+        the trio thread takes it. *deliver* returns False to end the pull. An
+        exception from *rows* is raised here; the rows of the unfinished list are
+        not delivered.
+        """
+
+        def pull() -> None:
+            rows_iterator = iter(rows)
+            limit = first
+            while True:
+                chunk = list(itertools.islice(rows_iterator, limit))
+                if chunk and not trio.from_thread.run_sync(deliver, chunk):
+                    return
+                if len(chunk) < limit:
+                    return
+                limit = batch
+
+        await trio.to_thread.run_sync(pull, limiter=self.limiter)
+
+
+async def _call_in_thread(call: Callable[[], T]) -> T:
+    """Run *call* in a thread of trio's thread cache and wait for it, also when cancelled."""
+    token = trio.lowlevel.current_trio_token()
+    task = trio.lowlevel.current_task()
+
+    def deliver(result: outcome.Outcome[T]) -> None:
+        # The run cannot end first while the task waits, but trio's own hand-off allows for it too.
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+    trio.lowlevel.start_thread_soon(call, deliver)
+    # A thread cannot be stopped, so a cancellation takes effect at the caller's next checkpoint.
+    return await trio.lowlevel.wait_task_rescheduled(lambda _raise_cancel: trio.lowlevel.Abort.FAILED)  # type: ignore[no-any-return]
 
 
 class QuickLock:

@@ -14,7 +14,7 @@ import trio
 
 from borgstorefs.errnos import errno_for
 from borgstorefs.errors import NoSpaceLeft
-from borgstorefs.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, Attributes, FileSystem, FSOptions
+from borgstorefs.fs import INDEX_AFTER_LOOKUPS, RENAME_EXCHANGE, RENAME_NOREPLACE, Attributes, FileSystem, FSOptions
 from borgstorefs.inodes import ROOT_INODE, NodeKind
 from borgstorefs.names import MAX_KEY_LENGTH
 from borgstorefs.store import Store
@@ -71,10 +71,14 @@ async def listdir(fs: FileSystem, path: str = "") -> list[bytes]:
     ino = await inode_of(fs, path) if path else ROOT_INODE
     dh = await fs.opendir(ino)
     try:
-        names = []
-        for entry in await fs.readdir(dh, 0):
-            fs.count_listed(dh, entry)
-            names.append(entry.name)
+        # Like the kernel: ask again from the last offset until a reply is empty.
+        names: list[bytes] = []
+        offset = 0
+        while entries := list(await fs.readdir(dh, offset)):
+            for entry in entries:
+                fs.count_listed(dh, entry)
+                names.append(entry.name)
+                offset = entry.next_offset
         return names[2:]  # without . and ..
     finally:
         await fs.releasedir(dh)
@@ -251,6 +255,103 @@ def test_lookup_errors(tmp_path: Path) -> None:
         assert await lookup(fs, "data/a") is None  # too short for level 1: cannot exist
 
     run_model(tmp_path, body, items=TREE, levels=TREE_LEVELS)
+
+
+# Lookups served from a listing
+
+BURST = [f"ns/{i:04x}" for i in range(INDEX_AFTER_LOOKUPS + 10)]
+"""More names than the lookups after which a namespace is listed for lookups."""
+
+
+async def look_up_all(fs: FileSystem, paths: Sequence[str]) -> None:
+    for path in paths:
+        assert await lookup(fs, path) is not None, path
+
+
+async def until_answered_from_listing(fs: FileSystem, store: Store, path: str) -> None:
+    """Look *path* up until that costs no store call: the listing in the background is done."""
+    with trio.fail_after(10):
+        while True:
+            calls = store.stats["info_calls"]
+            await lookup(fs, path)
+            if store.stats["info_calls"] == calls:
+                return
+            await trio.sleep(0.01)
+
+
+def test_lookups_served_from_one_listing(tmp_path: Path) -> None:
+    async def body(fs: FileSystem, store: Store) -> None:
+        await look_up_all(fs, BURST)
+        await until_answered_from_listing(fs, store, BURST[0])
+        calls = store.stats["info_calls"]
+        await look_up_all(fs, BURST)
+        assert await lookup(fs, "ns/missing") is None
+        attributes = await lookup(fs, BURST[1])
+        assert attributes is not None
+        assert attributes.size == 1
+        assert store.stats["info_calls"] == calls
+
+    run_model(tmp_path, body, items=dict.fromkeys(BURST, b"v"))
+
+
+def test_lookups_see_own_changes(tmp_path: Path) -> None:
+    mtime = 1_600_000_000_000_000_000
+
+    async def body(fs: FileSystem, store: Store) -> None:
+        await look_up_all(fs, BURST)
+        await until_answered_from_listing(fs, store, BURST[0])
+        await write_file(fs, "ns/new", b"new value")
+        attributes = await lookup(fs, "ns/new")
+        assert attributes is not None
+        assert attributes.size == len(b"new value")
+
+        await fs.unlink(await inode_of(fs, "ns"), BURST[0].removeprefix("ns/").encode())
+        assert await lookup(fs, BURST[0]) is None
+
+        await fs.setattr(await inode_of(fs, BURST[1]), mtime_ns=mtime)
+        attributes = await lookup(fs, BURST[1])
+        assert attributes is not None
+        assert attributes.mtime_ns == mtime
+
+        await fs.rename(
+            await inode_of(fs, "ns"), BURST[2].removeprefix("ns/").encode(), await inode_of(fs, "ns"), b"renamed", 0
+        )
+        assert await lookup(fs, BURST[2]) is None
+        assert await lookup(fs, "ns/renamed") is not None
+
+        # Names that did not change are still served from the listing.
+        calls = store.stats["info_calls"]
+        await look_up_all(fs, BURST[3:])
+        assert store.stats["info_calls"] == calls
+
+    run_model(tmp_path, body, items=dict.fromkeys(BURST, b"v"))
+
+
+def test_lookups_see_other_clients_later(tmp_path: Path) -> None:
+    async def body(fs: FileSystem, store: Store) -> None:
+        await look_up_all(fs, BURST)
+        await until_answered_from_listing(fs, store, BURST[0])
+        with Store(f"file://{tmp_path}/store") as other:
+            other.store("ns/elsewhere", b"from another client")
+        await trio.sleep(0.6)
+        attributes = await lookup(fs, "ns/elsewhere")
+        assert attributes is not None
+        assert attributes.size == len(b"from another client")
+
+    run_model(tmp_path, body, items=dict.fromkeys(BURST, b"v"), options=FSOptions(entry_timeout=0.5))
+
+
+def test_nested_namespace_not_listed_for_lookups(tmp_path: Path) -> None:
+    names = [f"data/{i:04x}" for i in range(INDEX_AFTER_LOOKUPS + 10)]
+
+    async def body(fs: FileSystem, store: Store) -> None:
+        await look_up_all(fs, names)
+        await trio.sleep(0.1)
+        calls = store.stats["info_calls"]
+        await look_up_all(fs, names[:5])
+        assert store.stats["info_calls"] == calls + 5
+
+    run_model(tmp_path, body, items=dict.fromkeys(names, b"v"), levels={"data": [1]})
 
 
 def test_statfs_name_max(tmp_path: Path) -> None:

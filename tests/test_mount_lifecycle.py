@@ -178,6 +178,14 @@ def test_bad_url_fails(background_mount: Callable[..., BackgroundMount], bad_url
     assert_failed_cleanly(background_mount(bad_url))
 
 
+@pytest.mark.parametrize("option", ["read_around=6", "read_around=16384", "read_around=-4", "read_ahead=2097152"])
+def test_bad_option_value_fails(url: str, background_mount: Callable[..., BackgroundMount], option: str) -> None:
+    result = background_mount(url, "-o", option)
+
+    assert_failed_cleanly(result)
+    assert option in result.output
+
+
 def test_missing_store_fails(tmp_path: Path, background_mount: Callable[..., BackgroundMount]) -> None:
     result = background_mount(f"file://{tmp_path}/no-such-store")
 

@@ -189,3 +189,25 @@ def test_reads_during_rewrites_succeed(make_url: Callable[[], str], mount: Calla
 
     # A read that overlaps a commit returns the old or the new value, never an error.
     assert errors == []
+
+
+def test_random_reads_see_each_rewrite(make_url: Callable[[], str], mount: Callable[..., Mount]) -> None:
+    url = make_url()
+    value = bytearray(os.urandom(2 * 1024 * 1024))
+    create_store(url, {"data/file": bytes(value)})
+    # Blocks of 64 KiB around each read go to the kernel's page cache, also for a local store.
+    mounted = mount(url, "-o", "read_around=64")
+    path = mounted.path / "data" / "file"
+    rng = random.Random(5)
+    for _ in range(15):
+        with open(path, "rb", buffering=0) as reader:
+            for _ in range(30):
+                offset = rng.randrange(len(value) - 4096)
+                reader.seek(offset)
+                assert reader.read(4096) == value[offset : offset + 4096], offset
+        offset = rng.randrange(len(value) - 100)
+        patch = os.urandom(100)
+        with open(path, "r+b", buffering=0) as writer:
+            writer.seek(offset)
+            writer.write(patch)
+        value[offset : offset + 100] = patch

@@ -397,6 +397,49 @@ def test_stats_count_calls_and_bytes(store: Store) -> None:
     assert stats["list_calls"] == 1
 
 
+def test_changes_grow_with_each_change_only(store: Store) -> None:
+    changes = store.changes
+    store.store("config/main", b"12345")
+    assert store.changes > changes
+    for change in (
+        lambda: store.set_mtime("config/main", 1_600_000_000_000_000_000),
+        lambda: store.move("config/main", "config/other"),
+        lambda: store.move("config/other", delete=True),
+        lambda: store.delete("config/other", deleted=True),
+    ):
+        changes = store.changes
+        change()
+        assert store.changes > changes
+    store.store("config/main", b"12345")
+    changes = store.changes
+    store.info("config/main")
+    store.load("config/main", offset=1, size=2)
+    list(store.list("config"))
+    assert store.changes == changes
+
+
+def test_changed_since_names_each_change(store: Store) -> None:
+    store.store("config/a", b"1")
+    store.store("config/b", b"2")
+    since = store.changes
+    assert store.changed_since(since, "config/a") is False
+    store.move("config/a", "config/c")
+    store.set_mtime("config/b", 1_600_000_000_000_000_000)
+    assert store.changed_since(since, "config/a") is True
+    assert store.changed_since(since, "config/b") is True
+    assert store.changed_since(since, "config/c") is True
+    assert store.changed_since(since, "config/d") is False
+
+
+def test_changed_since_unknown_after_many_changes(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("borgstorefs.store.CHANGE_LOG_SIZE", 3)
+    since = store.changes
+    for key in "abcde":
+        store.store(f"config/{key}", b"v")
+    assert store.changed_since(since, "config/z") is None
+    assert store.changed_since(store.changes, "config/z") is False
+
+
 def test_latency_emulation(make_url: Callable[[], str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BORGSTOREFS_LATENCY_MS", "20")
     store = Store(make_url(), levels={"config/": [0]})

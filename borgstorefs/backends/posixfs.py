@@ -23,6 +23,7 @@ import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from operator import attrgetter
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
@@ -47,11 +48,13 @@ from ._base import (
     StagedValue,
     ValueReader,
     check_read_range,
-    item_name,
     validate_backend_name,
 )
 
 logger = logging.getLogger(__name__)
+
+_entry_name = attrgetter("name")
+"""Sort key of `os.DirEntry` objects; names in a directory are unique."""
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
@@ -362,20 +365,28 @@ class PosixFS(Backend):
     def list(self, name: str) -> Iterator[ItemInfo]:
         self._check_open()
         path = self.path_of(name, base_allowed=True)
-        infos: list[ItemInfo] = []
-        add = infos.append
-        make = ItemInfo._make  # a mount lists whole namespaces: the per-entry cost is kept low
         with translate_os_errors(name), os.scandir(path) as entries:
-            for entry in entries:
-                if entry.name.endswith(TMP_SUFFIX):
-                    continue
+            found = [entry for entry in entries if not entry.name.endswith(TMP_SUFFIX)]
+        found.sort(key=_entry_name)
+        # The directory is read here, so that a missing one raises at the call. The
+        # stat of each entry waits until the caller gets to it: a mount replies with
+        # the first entries of a large namespace while the rest are still unread.
+        return self._stat_each(name, found)
+
+    @staticmethod
+    def _stat_each(name: str, found: list[os.DirEntry[str]]) -> Iterator[ItemInfo]:
+        make = ItemInfo._make  # a mount lists whole namespaces: the per-entry cost is kept low
+        for entry in found:
+            try:
                 st = entry.stat(follow_symlinks=False)
-                if stat.S_ISDIR(st.st_mode):
-                    add(make((entry.name, True, 0, True, st.st_mtime_ns)))
-                else:
-                    add(make((entry.name, True, st.st_size, False, st.st_mtime_ns)))
-        infos.sort(key=item_name)  # names are unique: comparing whole tuples would only cost time
-        return iter(infos)
+            except FileNotFoundError:
+                continue  # removed since the directory was read
+            except OSError as error:
+                raise backend_error_for(error, f"{name}/{entry.name}" if name else entry.name) from error
+            if stat.S_ISDIR(st.st_mode):
+                yield make((entry.name, True, 0, True, st.st_mtime_ns))
+            else:
+                yield make((entry.name, True, st.st_size, False, st.st_mtime_ns))
 
     def list_kinds(self, name: str) -> list[tuple[str, bool]]:
         self._check_open()
