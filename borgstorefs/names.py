@@ -63,17 +63,21 @@ _PLAIN_KEY = re.compile(r"[!-.0-@\[\]-~]+")
 """Keys made only of allowed characters: printable ASCII without space, uppercase, ``/`` or backslash."""
 
 
-def _key_problem(key: str) -> str | None:
-    # The common case passes in one regular expression match; the checks
-    # below only run to name the problem.
-    if (
+def _follows_key_rules(key: str) -> bool:
+    """Return whether the `str` *key* follows every key rule, in one regular expression match and a few tests."""
+    return (
         len(key) <= MAX_KEY_LENGTH
-        and _PLAIN_KEY.fullmatch(key)
+        and _PLAIN_KEY.fullmatch(key) is not None
         and ".." not in key
         and not key.startswith(".")
         and not key.endswith((DEL_SUFFIX, TMP_SUFFIX))
-    ):
+    )
+
+
+def _key_problem(key: str) -> str | None:
+    if _follows_key_rules(key):
         return None
+    # The checks below only name the problem, because every key that fails the test above breaks one of them.
     if not key:
         return "must not be empty"
     if len(key) > MAX_KEY_LENGTH:
@@ -100,7 +104,9 @@ def _key_problem(key: str) -> str | None:
 
 def is_valid_key(key: str) -> bool:
     """Return whether *key* is a `str` that follows every key rule."""
-    return isinstance(key, str) and _key_problem(key) is None
+    # No message is built here, because a mount checks every file name that it is asked for,
+    # and names that are not valid keys (rsync's temporary ``.name.XXXXXX``) are common.
+    return isinstance(key, str) and _follows_key_rules(key)
 
 
 def validate_namespace(namespace: str) -> None:
@@ -119,9 +125,12 @@ def split_name(name: str) -> tuple[str, str]:
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be str, not {type(name).__name__}: {name!r}")
+    namespace, separator, key = name.rpartition("/")
+    # Valid names return here. The checks below only find the problem of an invalid one.
+    if _follows_key_rules(key) and (not separator or _follows_key_rules(namespace)):
+        return namespace, key
     if name.startswith("/"):
         raise ValueError(f"invalid name {name!r}: must not start with '/'")
-    namespace, _, key = name.rpartition("/")
     if "/" in namespace:
         raise ValueError(f"invalid name {name!r}: nested namespaces are not supported")
     validate_namespace(namespace)
