@@ -28,12 +28,13 @@ __all__ = ["MAX_NAME_BYTES", "InvalidName", "NameTooLong", "decode_key", "encode
 MAX_NAME_BYTES = 255
 """Maximum length of a file name on Linux (NAME_MAX), in bytes."""
 
-_DOT = ord(".")
 _RESERVED_SUFFIXES = (DEL_SUFFIX, TMP_SUFFIX)
 
 # Bytes that may stand for themselves in a key: printable ASCII without
 # space, uppercase letters, '%', '/' and backslash.
 _SAFE_BYTES = frozenset(b for b in range(0x21, 0x7F) if not (0x41 <= b <= 0x5A) and b not in b"%/\\")
+_BYTE_TEXT = tuple(chr(b) if b in _SAFE_BYTES else f"%{b:02x}" for b in range(256))
+"""The text of each byte value in a key, before the rules for dots are applied."""
 _ESCAPE = re.compile(r"%([0-9a-f]{2})")
 
 
@@ -70,13 +71,13 @@ def encode_name(name: bytes) -> str:
         text = name.decode("ascii")
         if _is_plain_key(text):
             return text
-    parts = []
-    previous_literal_dot = False
-    for position, byte in enumerate(name):
-        literal = byte in _SAFE_BYTES and not (byte == _DOT and (position == 0 or previous_literal_dot))
-        parts.append(chr(byte) if literal else f"%{byte:02x}")
-        previous_literal_dot = literal and byte == _DOT
-    key = "".join(parts)
+    key = "".join(map(_BYTE_TEXT.__getitem__, name))
+    # A leading '.' is encoded, and so is every second '.' of a run of
+    # literal ones. The dots of *key* are those of the name, because the
+    # encoding of any other byte contains none.
+    if key.startswith("."):
+        key = f"%2e{key[1:]}"
+    key = key.replace("..", ".%2e")
     for suffix in _RESERVED_SUFFIXES:
         if key.endswith(suffix):
             # The '.' of the suffix is literal here: an encoded one would read "%2e".

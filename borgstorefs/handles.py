@@ -484,8 +484,9 @@ class FileState:
             if self._staged is not None:
                 self._staged.discard()
             raise
-        staged.commit(name, mtime_ns=mtime_ns, durable=durable)
-        return self._store.info(name)
+        info = staged.commit(name, mtime_ns=mtime_ns, durable=durable)
+        # Backends that have the stored size and mtime return them. Asking the others costs one more request.
+        return info if info is not None else self._store.info(name)
 
 
 class _SharedReader:

@@ -74,10 +74,9 @@ VALID_KEY = _key_pattern(_KEY_CHARACTERS)
 
 
 def _key_problem(key: str) -> str | None:
-    # The common case passes in one regular expression match; the checks
-    # below only run to name the problem.
     if VALID_KEY.fullmatch(key):
         return None
+    # The checks below only name the problem, because every key that fails the test above breaks one of them.
     if not key:
         return "must not be empty"
     if len(key) > MAX_KEY_LENGTH:
@@ -104,7 +103,9 @@ def _key_problem(key: str) -> str | None:
 
 def is_valid_key(key: str) -> bool:
     """Return whether *key* is a `str` that follows every key rule."""
-    return isinstance(key, str) and _key_problem(key) is None
+    # No message is built here, because a mount checks every file name that it is asked for,
+    # and names that are not valid keys (rsync's temporary ``.name.XXXXXX``) are common.
+    return isinstance(key, str) and VALID_KEY.fullmatch(key) is not None
 
 
 def validate_namespace(namespace: str) -> None:
@@ -123,9 +124,12 @@ def split_name(name: str) -> tuple[str, str]:
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be str, not {type(name).__name__}: {name!r}")
+    namespace, separator, key = name.rpartition("/")
+    # Valid names return here. The checks below only find the problem of an invalid one.
+    if VALID_KEY.fullmatch(key) is not None and (not separator or VALID_KEY.fullmatch(namespace) is not None):
+        return namespace, key
     if name.startswith("/"):
         raise ValueError(f"invalid name {name!r}: must not start with '/'")
-    namespace, _, key = name.rpartition("/")
     if "/" in namespace:
         raise ValueError(f"invalid name {name!r}: nested namespaces are not supported")
     validate_namespace(namespace)

@@ -39,6 +39,9 @@ def nest(namespace: str, key: str, level: int, *, deleted: bool = False) -> str:
     ``deleted=True`` appends `DEL_SUFFIX`. Raises `ValueError` if the key is
     shorter than the level needs.
     """
+    if level == 0:  # the most common layout, built without a list
+        stored_key = key + DEL_SUFFIX if deleted else key
+        return f"{namespace}/{stored_key}" if namespace else stored_key
     if len(key) < CHARS_PER_LEVEL * level:
         raise ValueError(
             f"key {key!r} is too short for nesting level {level} in namespace {namespace!r}: "

@@ -148,13 +148,17 @@ class StagedItem(StagedDelegate):
         super().__init__(name, staged)
         self._store = store
 
-    def commit(self, name: str | None = None, *, mtime_ns: int | None = None, durable: bool = False) -> None:
-        """Store the value as *name* (default: the name it was staged for), replacing any old value."""
+    def commit(self, name: str | None = None, *, mtime_ns: int | None = None, durable: bool = False) -> ItemInfo | None:
+        """Store the value as *name* (default: the name it was staged for), replacing any old value.
+
+        Returns the stored item's `ItemInfo`, whose ``name`` is the key, if the
+        backend has it without another request (see `StagedValue.commit`), or None.
+        """
         target = name if name is not None else self.name
         nested_name = self._store.find(target)
         size = self._staged.size
         with self._store._operation("store", f"commit({target!r})", size, changes=(target,)):
-            self._staged.commit(nested_name, mtime_ns=mtime_ns, durable=durable)
+            return self._staged.commit(nested_name, mtime_ns=mtime_ns, durable=durable)
 
 
 class StoreReader(ValueReader):
@@ -428,21 +432,27 @@ class Store:
         the key is too short for the last level and exists nowhere else.
         """
         namespace, key = split_name(name)
+        return self._find(namespace, key, deleted)
+
+    def _find(self, namespace: str, key: str, deleted: bool) -> str:
+        """Return the nested backend name of the validated *key* in *namespace* (see `find`)."""
         levels = self.levels_of(namespace)
         newest = levels[-1]
-        for level in (newest, *reversed(levels[:-1])):
-            if len(levels) == 1 or not fits_level(key, level):
-                continue
-            nested_name = nest(namespace, key, level, deleted=deleted)
-            if self.backend.info(nested_name).exists:
-                return nested_name
+        if len(levels) > 1:  # with a single level, the item can only be there
+            for level in (newest, *reversed(levels[:-1])):
+                if not fits_level(key, level):
+                    continue
+                nested_name = nest(namespace, key, level, deleted=deleted)
+                if self.backend.info(nested_name).exists:
+                    return nested_name
         return nest(namespace, key, newest, deleted=deleted)
 
     def info(self, name: str, *, deleted: bool = False) -> ItemInfo:
         """Return an `ItemInfo` whose ``name`` is the key; ``exists=False`` if missing."""
         with self._operation("info", f"info({name!r}, deleted={deleted})"):
-            info = self.backend.info(self.find(name, deleted=deleted))
-        return info._replace(name=split_name(name)[1])
+            namespace, key = split_name(name)
+            info = self.backend.info(self._find(namespace, key, deleted))
+        return info._replace(name=key)
 
     def load(self, name: str, *, size: int | None = None, offset: int = 0, deleted: bool = False) -> bytes:
         """Return *size* bytes (all if None) of the value from *offset*.

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from borgstorefs.backends.posixfs import PosixFS
 
@@ -32,3 +35,74 @@ def test_stage_copy_keeps_holes(tmp_path: Path) -> None:
         assert backend.load("sparse", size=4) == b"head"
         assert backend.load("sparse", offset=HOLE) == b"ta"
         assert backend.load("sparse", offset=HOLE // 2, size=8) == bytes(8)
+
+
+def test_staged_size_counted(tmp_path: Path) -> None:
+    backend = PosixFS(tmp_path / "store")
+    backend.create()
+    with backend:
+        backend.store("item", b"0123456789")
+        staged = backend.stage("item", copy_from="item")
+        assert staged.size == 10
+        staged.write(12, b"ab")
+        assert staged.size == 14
+        staged.write(0, b"")
+        staged.write(20, b"")
+        assert staged.size == 14
+        staged.truncate(3)
+        assert staged.size == 3
+
+        info = staged.commit("item")
+
+        assert info.size == 3
+        assert os.stat(tmp_path / "store" / "item").st_size == 3
+
+
+def test_directories_made_only_when_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = PosixFS(tmp_path / "store")
+    backend.create()
+    made_directories: list[str] = []
+    removed_files: list[str] = []
+    makedirs, unlink = os.makedirs, os.unlink
+
+    def record_makedirs(path: str, *args: Any, **kwargs: Any) -> None:
+        made_directories.append(path)
+        makedirs(path, *args, **kwargs)
+
+    def record_unlink(path: str, *args: Any, **kwargs: Any) -> None:
+        removed_files.append(path)
+        unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", record_makedirs)
+    monkeypatch.setattr(os, "unlink", record_unlink)
+    with backend:
+        backend.store("ns/01/first", b"1")
+        first = list(made_directories)  # os.makedirs calls itself again for each missing parent
+        assert first[0] == str(tmp_path / "store" / "ns" / "01")
+
+        backend.store("ns/01/second", b"2")
+        staged = backend.stage("ns/01/third")
+        staged.write(0, b"3")
+        staged.commit("ns/01/third")
+        backend.move("ns/01/third", "ns/01/fourth")
+        assert made_directories == first
+        assert removed_files == []
+
+        backend.move("ns/01/fourth", "other/fourth")
+        assert made_directories[len(first) :] == [str(tmp_path / "store" / "other")]
+        assert backend.load("other/fourth") == b"3"
+
+
+@pytest.mark.parametrize("mtime_ns", [None, 1_500_000_000_123_456_789])
+def test_commit_returns_stored_info(tmp_path: Path, mtime_ns: int | None) -> None:
+    backend = PosixFS(tmp_path / "store")
+    backend.create()
+    with backend:
+        staged = backend.stage("ns/item")
+        staged.write(0, b"value")
+
+        info = staged.commit("ns/item", mtime_ns=mtime_ns)
+
+        assert info == backend.info("ns/item")
+        if mtime_ns is not None:
+            assert info.mtime_ns == mtime_ns

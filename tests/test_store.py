@@ -480,3 +480,16 @@ def test_list_kinds_matches_list(store: Store) -> None:
     assert set(store.backend.list_kinds("")) == listed
     assert ("data", True) in listed
     assert ("settings.del", False) in listed
+
+
+@pytest.mark.parametrize("mtime_ns", [None, 1_500_000_000_000_000_000])
+def test_commit_returns_stored_info(store: Store, backend_kind: str, mtime_ns: int | None) -> None:
+    staged = store.stage("config/main")
+    staged.write(0, b"12345")
+
+    info = staged.commit(mtime_ns=mtime_ns)
+
+    if backend_kind == "posixfs":
+        assert info is not None
+    if info is not None:  # backends that would need another request return None
+        assert info == store.info("config/main")

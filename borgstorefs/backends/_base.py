@@ -115,12 +115,14 @@ class StagedValue(ABC):
         """Cut the value to *size* bytes, or extend it with zeros."""
 
     @abstractmethod
-    def commit(self, name: str, *, mtime_ns: int | None = None, durable: bool = False) -> None:
+    def commit(self, name: str, *, mtime_ns: int | None = None, durable: bool = False) -> ItemInfo | None:
         """Put the value in place as *name*, replacing an existing item atomically.
 
         *mtime_ns* sets the modification time. With ``durable=True`` the value
         and the rename are on stable storage before this returns. After a
         commit, successful or not, the staged value cannot be used again.
+        Returns the stored item's `ItemInfo` if the backend has its size and
+        mtime without another request, or None, and then a caller must ask `Backend.info`.
         """
 
     @abstractmethod

@@ -12,6 +12,7 @@ the rest of the page cache if the machine loses power.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -21,11 +22,10 @@ import secrets
 import shutil
 import stat
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from operator import attrgetter
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from ..errors import (
@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 _entry_name = attrgetter("name")
 """Sort key of `os.DirEntry` objects; names in a directory are unique."""
 
+T = TypeVar("T")
+
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -74,18 +76,69 @@ def get_file_backend(url: str) -> PosixFS | None:
     return PosixFS(path)
 
 
-def temp_name_for(path: Path) -> Path:
+def temp_name_for(path: str) -> str:
     """Return a fresh temporary file name beside *path* (see `names.TMP_NAME_EXTRA`)."""
-    return path.with_name(f"{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+    return f"{path}.{secrets.token_hex(4)}{TMP_SUFFIX}"
 
 
-@contextmanager
-def translate_os_errors(name: str) -> Iterator[None]:
-    """Turn an `OSError` about *name* into the matching `BackendError`."""
+def call_making_parent(path: str, function: Callable[[], T]) -> T:
+    """Return ``function()``, which creates *path* or renames to it, after making missing parent directories.
+
+    The directories are made only when the first call fails because one is missing.
+    Nesting directories nearly always exist already, because `Store.create`
+    makes them in advance and earlier items made the others. An ``mkdir``
+    before every call would cost two system calls: ``mkdir`` fails with
+    EEXIST, and a ``stat`` then checks that a directory is in the way. ENOTDIR
+    leads to `os.makedirs` as well, so that a file in the way of a directory
+    raises what it raised before this function tried the call first.
+    """
     try:
-        yield
+        return function()
+    except (FileNotFoundError, NotADirectoryError):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    return function()
+
+
+def create_temp_file(target: str) -> tuple[str, int]:
+    """Create a temporary file beside *target* and missing parent directories, and return its path and descriptor."""
+    temp_path = temp_name_for(target)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    return temp_path, call_making_parent(target, lambda: os.open(temp_path, flags, 0o666))
+
+
+def is_file(path: str) -> bool:
+    """Return whether *path* is a regular file, following symbolic links, as `Path.is_file` does."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
     except OSError as err:
-        raise backend_error_for(err, name) from err
+        if err.errno in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
+            return False
+        raise
+
+
+def translate_os_errors(name: str) -> OSErrorTranslation:
+    """Return a context manager that turns an `OSError` about *name* into the matching `BackendError`."""
+    return OSErrorTranslation(name)
+
+
+class OSErrorTranslation:
+    """The context manager of `translate_os_errors`.
+
+    A class rather than a generator-based context manager, because a mount
+    enters several per file and the generator machinery costs a microsecond each.
+    """
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, error: BaseException | None, *traceback: object) -> None:
+        if isinstance(error, OSError):
+            raise backend_error_for(error, self._name) from error
 
 
 def backend_error_for(err: OSError, name: str) -> BackendError:
@@ -103,21 +156,21 @@ def backend_error_for(err: OSError, name: str) -> BackendError:
     return BackendError(f"{err.strerror or err} on {name!r}")
 
 
-def rename_noreplace(source: Path, target: Path) -> None:
+def rename_noreplace(source: str, target: str) -> None:
     """Rename *source* to *target* atomically unless *target* exists (`FileExistsError`)."""
     result = _libc.renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE)
     if result == 0:
         return
     code = ctypes.get_errno()
     if code not in (errno.EINVAL, errno.ENOSYS):
-        raise OSError(code, os.strerror(code), str(source), None, str(target))
+        raise OSError(code, os.strerror(code), source, None, target)
     # The file system cannot rename without replacing: a hard link fails
     # atomically if the target exists, and the unlink then drops the source.
     os.link(source, target)
     os.unlink(source)
 
 
-def fsync_directory(path: Path) -> None:
+def fsync_directory(path: str) -> None:
     """Flush the directory entries of *path* to stable storage."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -126,8 +179,8 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def copy_file_data(source_fd: int, target_fd: int) -> None:
-    """Copy a whole file between descriptors inside the kernel, keeping its holes.
+def copy_file_data(source_fd: int, target_fd: int) -> int:
+    """Copy a whole file between descriptors inside the kernel, keeping its holes; return its size in bytes.
 
     Only the data segments (``SEEK_DATA`` to ``SEEK_HOLE``) are copied and the
     target is extended to the full size, so a sparse file stays sparse: a
@@ -137,6 +190,7 @@ def copy_file_data(source_fd: int, target_fd: int) -> None:
     os.ftruncate(target_fd, size)
     for start, end in data_segments(source_fd, size):
         copy_range(source_fd, target_fd, start, end)
+    return size
 
 
 def data_segments(fd: int, size: int) -> Iterator[tuple[int, int]]:
@@ -178,17 +232,23 @@ def copy_range(source_fd: int, target_fd: int, start: int, end: int) -> None:
 
 
 class PosixStagedValue(StagedValue):
-    """A temporary file beside the target, written at offsets and renamed into place."""
+    """A temporary file beside the target, written at offsets and renamed into place.
 
-    def __init__(self, backend: PosixFS, target: Path, copy_from: Path | None) -> None:
+    The size is counted here instead of read with ``fstat``, because only
+    this object writes to the temporary file that ``O_EXCL`` created.
+    """
+
+    def __init__(self, backend: PosixFS, target: str, copy_from: str | None) -> None:
         self._backend = backend
-        self._temp_path = temp_name_for(target)
-        self._fd: int | None = os.open(self._temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        self._temp_path, fd = create_temp_file(target)
+        self._fd: int | None = fd
+        self._size = 0
+        self._renamed = False  # the temporary file became the item
         try:
             if copy_from is not None:
                 source_fd = os.open(copy_from, os.O_RDONLY | os.O_CLOEXEC)
                 try:
-                    copy_file_data(source_fd, self._fd)
+                    self._size = copy_file_data(source_fd, fd)
                 finally:
                     os.close(source_fd)
         except BaseException:
@@ -202,42 +262,53 @@ class PosixStagedValue(StagedValue):
 
     @property
     def size(self) -> int:
-        return os.fstat(self._open_fd()).st_size
+        self._open_fd()
+        return self._size
 
     def write(self, offset: int, data: bytes) -> int:
-        with translate_os_errors(str(self._temp_path)):
-            return os.pwrite(self._open_fd(), data, offset)
+        with translate_os_errors(self._temp_path):
+            written = os.pwrite(self._open_fd(), data, offset)
+        if written:
+            self._size = max(self._size, offset + written)
+        return written
 
     def read(self, offset: int, size: int) -> bytes:
         return os.pread(self._open_fd(), size, offset)
 
     def truncate(self, size: int) -> None:
-        with translate_os_errors(str(self._temp_path)):
+        with translate_os_errors(self._temp_path):
             os.ftruncate(self._open_fd(), size)
+        self._size = size
 
-    def commit(self, name: str, *, mtime_ns: int | None = None, durable: bool = False) -> None:
+    def commit(self, name: str, *, mtime_ns: int | None = None, durable: bool = False) -> ItemInfo:
         fd = self._open_fd()
         target = self._backend.path_of(name)
+        temp_path = self._temp_path
         try:
             with translate_os_errors(name):
                 if mtime_ns is not None:
                     os.utime(fd, ns=(mtime_ns, mtime_ns))
+                else:
+                    mtime_ns = os.fstat(fd).st_mtime_ns  # set by the kernel at the last write
                 if durable:
                     os.fsync(fd)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(self._temp_path, target)
+                # The target's directory differs from the temporary file's when the item was renamed meanwhile.
+                call_making_parent(target, lambda: os.replace(temp_path, target))
+                self._renamed = True
                 if durable:
-                    fsync_directory(target.parent)
+                    fsync_directory(os.path.dirname(target))
         finally:
             self.discard()
+        return ItemInfo(name.rpartition("/")[2], True, self._size, False, mtime_ns)
 
     def discard(self) -> None:
         if self._fd is None:
             return
         os.close(self._fd)
         self._fd = None
-        # After a commit the temporary name is gone: it became the item.
-        self._temp_path.unlink(missing_ok=True)
+        if not self._renamed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._temp_path)
 
 
 class PosixReader(ValueReader):
@@ -248,7 +319,7 @@ class PosixReader(ValueReader):
     in place, because `store` and staged values write a new file and rename it.
     """
 
-    def __init__(self, name: str, path: Path) -> None:
+    def __init__(self, name: str, path: str) -> None:
         self._name = name
         with translate_os_errors(name):
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -316,10 +387,14 @@ class PosixFS(Backend):
     def __repr__(self) -> str:
         return f"PosixFS({str(self.base)!r})"
 
-    def path_of(self, name: str, *, base_allowed: bool = False) -> Path:
-        """Return the file system path of backend name *name*, after validating it."""
+    def path_of(self, name: str, *, base_allowed: bool = False) -> str:
+        """Return the file system path of backend name *name*, after validating it.
+
+        A string, because on a mount's hot paths `Path` objects cost about as
+        much to build and convert as the system calls that use them.
+        """
         validate_backend_name(name, base_allowed=base_allowed)
-        return self.base / name if name else self.base
+        return f"{self._base_text}/{name}" if name else self._base_text
 
     # Lifecycle
 
@@ -354,13 +429,13 @@ class PosixFS(Backend):
         self._check_open()
         path = self.path_of(name)
         with translate_os_errors(name):
-            path.mkdir(parents=True, exist_ok=True)
+            os.makedirs(path, exist_ok=True)
 
     def rmdir(self, name: str) -> None:
         self._check_open()
         path = self.path_of(name)
         with translate_os_errors(name):
-            path.rmdir()
+            os.rmdir(path)
 
     def list(self, name: str) -> Iterator[ItemInfo]:
         self._check_open()
@@ -402,10 +477,9 @@ class PosixFS(Backend):
     # Items
 
     def info(self, name: str) -> ItemInfo:
-        # The mount's hottest call (one per lookup): plain strings, not Path objects, and one stat.
+        # The mount's hottest call (one per lookup), so it makes a single stat.
         self._check_open()
-        validate_backend_name(name, base_allowed=True)
-        path = f"{self._base_text}/{name}" if name else self._base_text
+        path = self.path_of(name, base_allowed=True)
         base_name = name.rpartition("/")[2] if name else self.base.name
         try:
             st = os.stat(path)
@@ -439,10 +513,8 @@ class PosixFS(Backend):
     def store(self, name: str, value: bytes | BinaryIO) -> None:
         self._check_open()
         target = self.path_of(name)
-        temp_path = temp_name_for(target)
         with translate_os_errors(name):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            temp_path, fd = create_temp_file(target)
             try:
                 with os.fdopen(fd, "wb", closefd=False) as file:
                     if isinstance(value, bytes | bytearray | memoryview):
@@ -457,30 +529,28 @@ class PosixFS(Backend):
             except BaseException:
                 if fd >= 0:
                     os.close(fd)
-                temp_path.unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp_path)
                 raise
             if self.fsync:
-                fsync_directory(target.parent)
+                fsync_directory(os.path.dirname(target))
 
     def delete(self, name: str) -> None:
         self._check_open()
         path = self.path_of(name)
         with translate_os_errors(name):
-            path.unlink()
+            os.unlink(path)
 
     def move(self, curr_name: str, new_name: str, *, replace: bool = True) -> None:
         self._check_open()
         source = self.path_of(curr_name)
         target = self.path_of(new_name)
         with translate_os_errors(curr_name):
-            if not source.is_file():
+            if not is_file(source):
                 raise ObjectNotFound(curr_name)
-            target.parent.mkdir(parents=True, exist_ok=True)
+        rename = os.replace if replace else rename_noreplace
         with translate_os_errors(new_name):
-            if replace:
-                os.replace(source, target)
-            else:
-                rename_noreplace(source, target)
+            call_making_parent(target, lambda: rename(source, target))
 
     def set_mtime(self, name: str, mtime_ns: int) -> None:
         self._check_open()
@@ -493,7 +563,6 @@ class PosixFS(Backend):
         target = self.path_of(name)
         source = self.path_of(copy_from) if copy_from is not None else None
         with translate_os_errors(copy_from or name):
-            target.parent.mkdir(parents=True, exist_ok=True)
             return PosixStagedValue(self, target, source)
 
     def space(self) -> SpaceInfo:
