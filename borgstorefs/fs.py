@@ -89,7 +89,7 @@ listed once and further lookups are served from that listing (see `FileSystem`).
 INDEX_WINDOW = 2.0
 
 INDEX_WAIT = 1.0
-"""Seconds a lookup waits for a listing of its namespace in progress before it asks the store itself."""
+"""Seconds a lookup waits for a listing of its namespace in progress before it calls the store itself."""
 
 INDEX_MAX_KEYS = 500_000
 """Largest namespace listed for lookups (about 150 bytes of memory per key)."""
@@ -354,7 +354,7 @@ class FileSystem:
         if kind == NodeKind.FILE:
             listing = self._indexing.get(namespace)
             if listing is not None:
-                # The listing holds a store session: a lookup now could have to open another.
+                # The listing uses a store session, so a lookup now could have to open another one.
                 with trio.move_on_after(INDEX_WAIT):
                     await listing.wait()
             info = self._indexed_info(namespace, key)

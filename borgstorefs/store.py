@@ -355,7 +355,7 @@ class Store:
 
         Each change counts when it starts and again when it ends. A caller that
         keeps facts read from the store (a listing) notes this number first and
-        asks `changed_since` about a name before it trusts them.
+        calls `changed_since` for a name before it trusts them.
         """
         return self._changes
 

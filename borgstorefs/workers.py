@@ -85,11 +85,11 @@ class StoreRunner:
     ) -> None:
         """Pull *rows* in one worker thread and pass them to *deliver*, in the trio thread, in lists.
 
-        The first list contains at most *first* rows, so that the consumer can start
-        early; the others up to *batch*, since each hand-off stops the worker until
-        the trio thread takes it. *deliver* returns False to end the pull. An
-        exception from *rows* is raised here; the rows of the unfinished list are
-        not delivered.
+        The first list contains at most *first* rows, so that the consumer can
+        start early. The others contain up to *batch* rows, because each hand-off
+        stops the worker until the trio thread takes it. *deliver* returns False
+        to end the pull. An exception from *rows* is raised here, and the rows of
+        the unfinished list are not delivered.
         """
 
         def pull() -> None:
