@@ -32,12 +32,14 @@ from pathlib import Path
 from typing import NamedTuple, cast
 from urllib.parse import quote
 
+from . import request_loop
 from .backends import PosixFS, redact_url
 from .cli import EXIT_ERROR, EXIT_OK, add_levels_option
 from .fs import FileSystem, FSOptions
 from .mstore import MStore
 from .mstore_cli import MStoreSpec, add_spec_options, build_mstore, spec_from_args
 from .mstore_layout import bucket_owners
+from .request_loop import DEFAULT_POLL_US
 from .store import Store
 from .workers import DEFAULT_THREADS, StoreRunner
 
@@ -74,6 +76,9 @@ loopback), and random readers of a file often come back near earlier reads.
 
 MAX_READ_AROUND_KIB = 8 * 1024
 """Largest ``-o read_around`` accepted, in KiB: the block is held in memory once per open handle."""
+
+MAX_REQUEST_POLL_US = 100_000
+"""Largest ``-o request_poll`` accepted, in µs: the trio loop runs nothing else while it waits."""
 
 MAX_READ_AHEAD_KIB = 1024 * 1024
 """Largest ``-o read_ahead`` accepted, in KiB (1 GiB): more would only fill the page cache for nothing."""
@@ -145,6 +150,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         f"0 keeps the kernel's), read_around=KIB (block loaded around a random read and kept in the kernel's "
         f"page cache, default {DEFAULT_READ_AROUND_KIB} for remote stores and 0, off, for file:// stores), "
         f"threads=N (store calls at once, default {DEFAULT_THREADS}), "
+        f"request_poll=USEC (how long an idle request loop waits for the next request before it yields "
+        f"to trio, default {DEFAULT_POLL_US}; 0 uses pyfuse3's own wait), "
         "inline_quick or threaded_quick (run quick store calls, metadata and reads up to 128 KiB, in the "
         "request loop or in worker threads; default: inline for file:// stores), "
         "and the generic noatime, nodev, nosuid, noexec, sync, dirsync",
@@ -190,6 +197,7 @@ class MountSettings:
         self.read_ahead_given = False  # a failure to apply it is then a warning, not a note
         self.inline_quick: bool | None = None  # None: inline for local (file://) stores
         self.read_around_kib: int | None = None  # None: the default for remote stores, off for local ones
+        self.request_poll_us = DEFAULT_POLL_US
         self.fuse_options: set[str] = set()
         for option in (part for arg in option_args for part in arg.split(",") if part):
             self._add(option)
@@ -217,6 +225,10 @@ class MountSettings:
                 raise MountError(f"invalid value in -o {option}: must be at most {MAX_READ_AROUND_KIB}")
             if self.read_around_kib % 4:
                 raise MountError(f"invalid value in -o {option}: must be a multiple of 4, the page size in KiB")
+        elif equals and name == "request_poll":
+            self.request_poll_us = int(_parse_number(option, value, int, 0))
+            if self.request_poll_us > MAX_REQUEST_POLL_US:
+                raise MountError(f"invalid value in -o {option}: must be at most {MAX_REQUEST_POLL_US}")
         elif equals and name == "max_read":
             self.fuse_options.add(f"max_read={_parse_number(option, value, int, 4096)}")
         elif option in ("default_permissions", "fsname", "subtype") or name in ("fsname", "subtype"):
@@ -453,7 +465,7 @@ def run_daemon(
     if ready_fd is not None:
         os.chdir("/")  # a background daemon must not keep a directory busy
     try:
-        trio.run(_serve, fs, ready_fd, functools.partial(_tune, mountpoint, settings))
+        trio.run(_serve, fs, ready_fd, functools.partial(_tune, mountpoint, settings), settings.request_poll_us)
     finally:
         pyfuse3.close(unmount=True)
         store.close()
@@ -571,7 +583,9 @@ async def _tune(mountpoint: str, settings: MountSettings) -> None:
     set_read_ahead(mountpoint, settings.read_ahead_kib, requested=settings.read_ahead_given)
 
 
-async def _serve(fs: FileSystem, ready_fd: int | None, tune: Callable[[], Awaitable[None]]) -> None:
+async def _serve(
+    fs: FileSystem, ready_fd: int | None, tune: Callable[[], Awaitable[None]], request_poll_us: int
+) -> None:
     import pyfuse3
     import trio
 
@@ -580,7 +594,8 @@ async def _serve(fs: FileSystem, ready_fd: int | None, tune: Callable[[], Awaita
         fs.spawn = background.start_soon
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(_stop_on_signal)
+                wait = request_loop.install(pyfuse3, request_poll_us)
+                await nursery.start(_stop_on_signal, wait)
                 nursery.start_soon(_tune_then_report, tune, ready_fd)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
@@ -598,7 +613,7 @@ async def _tune_then_report(tune: Callable[[], Awaitable[None]], ready_fd: int |
         _enable_log_output()
 
 
-async def _stop_on_signal(task_status: object) -> None:
+async def _stop_on_signal(wait: request_loop.RequestWait | None, task_status: object) -> None:
     import pyfuse3
     import trio
 
@@ -606,6 +621,8 @@ async def _stop_on_signal(task_status: object) -> None:
         task_status.started()  # type: ignore[attr-defined]
         async for signum in signals:
             logger.info("received %s: unmounting", signal.Signals(signum).name)
+            if wait is not None:
+                wait.stop()
             pyfuse3.terminate()
             return
 

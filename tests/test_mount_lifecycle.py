@@ -178,7 +178,18 @@ def test_bad_url_fails(background_mount: Callable[..., BackgroundMount], bad_url
     assert_failed_cleanly(background_mount(bad_url))
 
 
-@pytest.mark.parametrize("option", ["read_around=6", "read_around=16384", "read_around=-4", "read_ahead=2097152"])
+@pytest.mark.parametrize(
+    "option",
+    [
+        "read_around=6",
+        "read_around=16384",
+        "read_around=-4",
+        "read_ahead=2097152",
+        "request_poll=-1",
+        "request_poll=100001",
+        "request_poll=fast",
+    ],
+)
 def test_bad_option_value_fails(url: str, background_mount: Callable[..., BackgroundMount], option: str) -> None:
     result = background_mount(url, "-o", option)
 

@@ -921,6 +921,40 @@ def test_concurrent_writers(mounted: Mount) -> None:
         assert load(mounted, f"ns/{name}") == value, name
 
 
+@pytest.mark.parametrize("request_poll", ["0", "200", "100000"])
+def test_small_requests_during_large_write(
+    make_url: Callable[[], str], mount: Callable[..., Mount], request_poll: str
+) -> None:
+    # Large writes wait for worker threads; lookups, reads and listings in between do not.
+    # This mixes both kinds of request in the request loop, with pyfuse3's own wait (0)
+    # and with the daemon's select(2) wait, short and long.
+    url = make_url()
+    create_store(url, levels={"ns": [0]})
+    mounted = mount(url, "-o", f"request_poll={request_poll}")
+    small = {f"small{i}": make_value(300 + i, 100 + i) for i in range(100)}
+    for name, value in small.items():
+        (mounted.path / "ns" / name).write_bytes(value)
+    large = make_value(299, 24 * MiB)
+
+    def write_large() -> None:
+        with open(mounted.path / "ns" / "large", "wb", buffering=0) as file:
+            for start in range(0, len(large), MiB):
+                file.write(large[start : start + MiB])
+
+    writer = threading.Thread(target=write_large)
+    writer.start()
+    try:
+        for _ in range(3):
+            for name, value in small.items():
+                assert os.stat(mounted.path / "ns" / name).st_size == len(value)
+                assert (mounted.path / "ns" / name).read_bytes() == value
+            assert set(small) <= set(os.listdir(mounted.path / "ns"))
+    finally:
+        writer.join(timeout=MOUNT_TIMEOUT)
+    assert not writer.is_alive()
+    assert load(mounted, "ns/large") == large
+
+
 RSS_BOUND = 200 * MiB
 """Largest resident memory allowed for the daemon while it handles a 2 GiB file.
 
