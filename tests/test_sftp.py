@@ -21,7 +21,7 @@ import pytest
 from borgstorefs.backends import Backend, get_backend, sftp_ssh
 from borgstorefs.backends.sftp import TRANSPORTS, SFTPBackend
 from borgstorefs.backends.sftp_connect import CONFIG_ENV, resolve_target
-from borgstorefs.backends.sftp_session import SFTPSession, SFTPStatusError, is_connection_lost
+from borgstorefs.backends.sftp_session import Reply, SFTPSession, SFTPStatusError, is_connection_lost
 from borgstorefs.backends.sftp_ssh import SSHChannel, SSHProcessEnded, sftp_command
 from borgstorefs.errors import (
     BackendError,
@@ -651,6 +651,216 @@ def test_stage_copy_without_copy_data(store_url: str, monkeypatch: pytest.Monkey
             staged.write(0, b"head")
             staged.commit("copy")
         assert backend.load("copy") == b"head" + value[4:]
+    backend.destroy()
+
+
+# Staged values
+
+
+def temp_files(directory: Path) -> list[str]:
+    """Return the temporary files anywhere below *directory*, sorted."""
+    return sorted(str(path.relative_to(directory)) for path in directory.rglob("*.tmp"))
+
+
+def count_requests(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the SFTP requests that every session sends from now on, in the returned one-element list."""
+    sent = [0]
+    send = SFTPSession.send
+
+    def counting_send(self: SFTPSession, kind: int, *args: object) -> Reply:
+        sent[0] += 1
+        return send(self, kind, *args)
+
+    monkeypatch.setattr(SFTPSession, "send", counting_send)
+    return sent
+
+
+def test_stage_creates_temp_file_late(store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = sftp_backend(store_url)
+    backend.create()
+    with backend:
+        backend.store("warm-up", b"")  # opens the session, whose handshake sends requests too
+        sent = count_requests(monkeypatch)
+
+        staged = backend.stage("item")
+        staged.write(0, b"head")
+        staged.write(4, b"body")
+        staged.truncate(6)
+        staged.truncate(10)
+
+        assert sent[0] == 0
+        assert temp_files(tmp_path / "store") == []
+        assert staged.size == 10
+        assert staged.read(2, 100) == b"adbo\0\0\0\0"
+        assert staged.read(10, 5) == b""
+
+        staged.write(20, b"tail")  # does not continue the buffer, so the buffer goes out
+
+        assert len(temp_files(tmp_path / "store")) == 1
+        assert staged.read(0, 100) == b"headbo" + bytes(14) + b"tail"
+        staged.commit("item")
+        assert backend.load("item") == b"headbo" + bytes(14) + b"tail"
+        assert temp_files(tmp_path / "store") == []
+    backend.destroy()
+
+
+def test_stage_discard_sends_nothing(store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = sftp_backend(store_url)
+    backend.create()
+    with backend:
+        backend.store("item", b"old")
+        sent = count_requests(monkeypatch)
+
+        with backend.stage("item") as staged:
+            staged.write(0, b"never stored")
+
+        assert sent[0] == 0
+        assert backend.load("item") == b"old"
+        assert temp_files(tmp_path / "store") == []
+    backend.destroy()
+
+
+def test_small_commit_request_count(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = sftp_backend(store_url)
+    backend.create()
+    with backend:
+        backend.store("warm-up", b"")
+        sent = count_requests(monkeypatch)
+
+        staged = backend.stage("item")
+        staged.write(0, os.urandom(4096))
+        staged.commit("item", mtime_ns=1_600_000_000_000_000_000)
+
+        # Create, write, set the mtime, close, stat and rename.
+        assert sent[0] == 6
+    backend.destroy()
+
+
+@pytest.mark.parametrize("durable", [False, True])
+@pytest.mark.parametrize("mtime_ns", [None, 1_600_000_000_123_000_000])
+def test_commit_returns_info(store_url: str, mtime_ns: int | None, durable: bool) -> None:
+    backend = sftp_backend(store_url)
+    backend.create()
+    with backend:
+        cases = {
+            "ns/new": lambda staged: staged.write(0, b"12345"),
+            "ns/extended": lambda staged: staged.truncate(3 * MiB),
+            "ns/large": lambda staged: staged.write(0, bytes(5 * MiB)),
+            "ns/empty": lambda staged: None,
+        }
+        for name, change in cases.items():
+            staged = backend.stage(name)
+            change(staged)
+            size = staged.size
+
+            info = staged.commit(name, mtime_ns=mtime_ns, durable=durable)
+
+            assert info == backend.info(name), name
+            assert info.size == size, name
+            assert info.mtime_ns is not None, name
+            if mtime_ns is not None:
+                assert info.mtime_ns == 1_600_000_000_000_000_000, name
+    backend.destroy()
+
+
+def test_commit_after_flush_returns_info(store_url: str) -> None:
+    backend = sftp_backend(store_url)
+    backend.create()
+    with backend:
+        backend.store("item", b"0123456789")
+        for name, copy_from in (("item", "item"), ("other", None)):
+            staged = backend.stage(name, copy_from=copy_from)
+            staged.write(2, b"ab")
+            staged.write(8, b"cd")  # sends the buffer, so the commit has only "cd" left to write
+
+            info = staged.commit(f"moved/{name}")
+
+            assert info == backend.info(f"moved/{name}")
+            assert info.name == name
+        assert backend.load("moved/item") == b"01ab4567cd"
+        assert backend.load("moved/other") == b"\0\0ab\0\0\0\0cd"
+    backend.destroy()
+
+
+def test_commit_over_directory_fails_cleanly(store_url: str, tmp_path: Path) -> None:
+    backend = sftp_backend(store_url)
+    backend.create()
+    with backend:
+        backend.store("dir/inside", b"kept")
+        staged = backend.stage("dir")
+        staged.write(0, b"value")
+
+        with pytest.raises(BackendError, match="'dir'"):
+            staged.commit("dir")
+
+        assert backend.load("dir/inside") == b"kept"
+        assert temp_files(tmp_path / "store") == []
+        with pytest.raises(ValueError, match="already committed or discarded"):
+            staged.write(0, b"again")
+    backend.destroy()
+
+
+def test_failed_write_keeps_old_value(store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = sftp_backend(store_url)
+    backend.create()
+    with backend:
+        backend.store("item", b"old value")
+        staged = backend.stage("item")
+        staged.write(0, b"new value")
+        # Writes to a handle the server never issued fail, as writes to a full disk do.
+        writer = SFTPSession.writer
+        monkeypatch.setattr(SFTPSession, "writer", lambda self, handle: writer(self, b"no such handle"))
+
+        with pytest.raises(BackendError, match="'item'"):
+            staged.commit("item", mtime_ns=1_600_000_000_000_000_000)
+
+        monkeypatch.undo()
+        assert backend.load("item") == b"old value"
+        assert temp_files(tmp_path / "store") == []
+    backend.destroy()
+
+
+def lose_connection_once(monkeypatch: pytest.MonkeyPatch, backend: SFTPBackend, method: str) -> list[str]:
+    """Make the first call of *method* of *backend* take effect, then fail as a lost connection.
+
+    Returns the list of the methods that failed, for the test to check.
+    """
+    failed: list[str] = []
+    original = getattr(backend, method)
+
+    def take_effect_then_fail(*args: object, **kwargs: object) -> object:
+        result = original(*args, **kwargs)
+        if not failed:
+            failed.append(method)
+            raise ConnectionResetError(f"connection reset after {method}")
+        return result
+
+    monkeypatch.setattr(backend, method, take_effect_then_fail)
+    return failed
+
+
+@pytest.mark.parametrize("method", ["_create_exclusive", "_finish_rename"])
+def test_commit_repeated_after_lost_connection(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, method: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="borgstorefs")
+    backend = sftp_backend(store_url)
+    backend.create()
+    with backend:
+        backend.store("item", b"old value")
+        failed = lose_connection_once(monkeypatch, backend, method)
+        staged = backend.stage("item")
+        staged.write(0, b"new value")
+
+        info = staged.commit("item")
+
+        assert failed == [method]
+        assert "retrying in" in caplog.text
+        assert info == backend.info("item")
+        assert backend.load("item") == b"new value"
+        assert temp_files(tmp_path / "store") == []
+        if method == "_finish_rename":
+            assert "already in place after a reconnect" in caplog.text
     backend.destroy()
 
 

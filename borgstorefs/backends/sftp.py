@@ -98,6 +98,7 @@ from .sftp_reader import SFTPReader
 from .sftp_session import (
     Attributes,
     Connection,
+    Reply,
     Retrier,
     RetryPolicy,
     SessionPool,
@@ -572,13 +573,24 @@ class SFTPBackend(Backend):
 
     def _rename_into_place(self, session: SFTPSession, source: str, target: str) -> None:
         """Rename *source* to *target*, replacing it atomically, making missing parent directories."""
+        self._check_posix_rename(session)
+        self._finish_rename(session, source, target, self._send_rename(session, source, target))
+
+    def _check_posix_rename(self, session: SFTPSession) -> None:
         if not session.supports("posix-rename@openssh.com"):
             raise BackendError(
                 f"SFTP server {self._pool.label} lacks the posix-rename@openssh.com extension, "
                 "which replacing values atomically needs: use an OpenSSH server"
             )
+
+    def _send_rename(self, session: SFTPSession, source: str, target: str) -> Reply:
+        """Send the rename of `_rename_into_place` without waiting. `_finish_rename` collects the reply."""
+        return session.send(CMD_EXTENDED, "posix-rename@openssh.com", source, target)
+
+    def _finish_rename(self, session: SFTPSession, source: str, target: str, reply: Reply) -> None:
+        """Wait for the rename *reply*. If the target's directory was missing, make it and rename again."""
         try:
-            session.request(CMD_EXTENDED, "posix-rename@openssh.com", source, target)
+            session.wait(reply)
         except SFTPStatusError as err:
             if err.code != SFTP_NO_SUCH_FILE or self._stat(session, source) is None:
                 raise
@@ -586,10 +598,16 @@ class SFTPBackend(Backend):
             session.request(CMD_EXTENDED, "posix-rename@openssh.com", source, target)
 
     def _fsync(self, session: SFTPSession, handle: bytes) -> None:
+        reply = self._send_fsync(session, handle)
+        if reply is not None:
+            session.wait(reply)
+
+    def _send_fsync(self, session: SFTPSession, handle: bytes) -> Reply | None:
+        """Send a flush of *handle* to stable storage, or warn once and return None if the server cannot."""
         if session.supports("fsync@openssh.com"):
-            session.request(CMD_EXTENDED, "fsync@openssh.com", handle)
-        else:
-            self._warn_once("fsync", "SFTP server %s lacks fsync@openssh.com: values are not flushed", self._label)
+            return session.send(CMD_EXTENDED, "fsync@openssh.com", handle)
+        self._warn_once("fsync", "SFTP server %s lacks fsync@openssh.com: values are not flushed", self._label)
+        return None
 
     def _forget_temp(self, session: SFTPSession, temp_path: str, handle: bytes, error: BaseException) -> None:
         """Remove the temporary file of a failed store, or remember it if the connection broke."""

@@ -320,6 +320,20 @@ class SFTPSession(paramiko.SFTPClient):
         """Send a request and wait for its reply (see `wait`)."""
         return self.wait(self.send(kind, *args))
 
+    def wait_all(self, replies: Iterable[Reply]) -> SFTPStatusError | None:
+        """Wait for every reply of *replies* in order and return the first failure, or None if all are OK.
+
+        Replies after a failure are still collected, so that none is left
+        in flight when the caller goes on with the session.
+        """
+        first_error: SFTPStatusError | None = None
+        for reply in replies:
+            try:
+                self.wait(reply)
+            except SFTPStatusError as err:
+                first_error = first_error or err
+        return first_error
+
     def expect(self, expected: int, kind: int, *args: Any) -> Message:
         """Send a request and return the message of its reply, which must be of type *expected*."""
         reply_kind, message = self.request(kind, *args)
@@ -495,6 +509,16 @@ class PipelinedWriter:
             self._pending.append(self._session.send(CMD_WRITE, self._handle, int64(offset + start), piece))
             if len(self._pending) >= self._window:
                 self._session.wait(self._pending.popleft())
+
+    def detach(self) -> list[Reply]:
+        """Return the writes not acknowledged yet and stop tracking them; the caller must wait for each.
+
+        Lets a caller send further requests, such as the close of the handle,
+        before it waits for the writes, so that all share one round trip.
+        """
+        pending = list(self._pending)
+        self._pending.clear()
+        return pending
 
     def finish(self) -> None:
         """Wait until the server has acknowledged every write; raise the first error."""
