@@ -43,6 +43,9 @@ than 99 % of the waits ended within it. The trio loop runs nothing else during
 this wait, so it stays short.
 """
 
+TESTED_PYFUSE3 = "3."
+"""Version prefix of the pyfuse3 releases whose request loop `install` was written for (tested: 3.5.0)."""
+
 SELECT_LIMIT = 1024
 """``FD_SETSIZE`` of glibc: ``select(2)`` takes no higher descriptor."""
 
@@ -134,12 +137,17 @@ class RequestWait:
 def install(pyfuse3: ModuleType, poll_us: int) -> RequestWait | None:
     """Replace pyfuse3's wait with a `RequestWait` after ``pyfuse3.init``; None if it was left in place.
 
-    *poll_us* 0 keeps pyfuse3's own wait.
+    *poll_us* 0 keeps pyfuse3's own wait, and so does a pyfuse3 other than
+    the 3.x releases whose request loop this was written for.
     """
     if not poll_us:
         return None
+    version = str(getattr(pyfuse3, "__version__", "unknown"))
+    if not version.startswith(TESTED_PYFUSE3):
+        logger.warning("pyfuse3 %s is not a %s release; using its own request wait", version, TESTED_PYFUSE3)
+        return None
     if not callable(getattr(pyfuse3, "_wait_fuse_readable", None)):
-        logger.warning("pyfuse3 %s has no request wait to replace; using its own", pyfuse3.__version__)
+        logger.warning("pyfuse3 %s has no request wait to replace; using its own", version)
         return None
     fd = _fuse_descriptor()
     if fd is None:
