@@ -665,15 +665,16 @@ def set_read_ahead(mountpoint: str, kib: int, *, requested: bool = False) -> Non
     speed, so the mount goes on: it is logged as a WARNING if the user
     *requested* the value with ``-o read_ahead``, and as INFO otherwise.
     """
+    level = logging.WARNING if requested else logging.INFO
     entry = _entry_at(mountpoint)
     if entry is None:
-        logger.warning("cannot set read-ahead: %s is not in the mount table", mountpoint)
+        # Also when it was unmounted right after it was made, before the daemon got here.
+        logger.log(level, "cannot set read-ahead: %s is not in the mount table", mountpoint)
         return
     setting = Path("/sys/class/bdi", entry.device, "read_ahead_kb")
     try:
         setting.write_text(f"{kib}\n")
     except OSError as err:
-        level = logging.WARNING if requested else logging.INFO
         logger.log(level, "kept the kernel's read-ahead for %s: cannot write %s: %s", mountpoint, setting, err)
     else:
         logger.debug("read-ahead of %s set to %d KiB", mountpoint, kib)
