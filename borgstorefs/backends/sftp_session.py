@@ -522,12 +522,7 @@ class PipelinedWriter:
 
     def finish(self) -> None:
         """Wait until the server has acknowledged every write; raise the first error."""
-        error: SFTPStatusError | None = None
-        while self._pending:
-            try:
-                self._session.wait(self._pending.popleft())
-            except SFTPStatusError as err:
-                error = error or err
+        error = self._session.wait_all(self.detach())
         if error is not None:
             raise error
 
