@@ -78,7 +78,7 @@ MAX_READ_AROUND_KIB = 8 * 1024
 """Largest ``-o read_around`` accepted, in KiB: the block is held in memory once per open handle."""
 
 MAX_REQUEST_POLL_US = 100_000
-"""Largest ``-o request_poll`` accepted, in µs: the trio loop runs nothing else while it waits."""
+"""Maximum ``-o request_poll`` value, in µs: the trio loop runs nothing else while it waits."""
 
 MAX_READ_AHEAD_KIB = 1024 * 1024
 """Largest ``-o read_ahead`` accepted, in KiB (1 GiB): more would only fill the page cache for nothing."""
@@ -668,7 +668,7 @@ def set_read_ahead(mountpoint: str, kib: int, *, requested: bool = False) -> Non
     level = logging.WARNING if requested else logging.INFO
     entry = _entry_at(mountpoint)
     if entry is None:
-        # Also when it was unmounted right after it was made, before the daemon got here.
+        # This also happens when the mount was unmounted before the daemon could tune it.
         logger.log(level, "cannot set read-ahead: %s is not in the mount table", mountpoint)
         return
     setting = Path("/sys/class/bdi", entry.device, "read_ahead_kb")

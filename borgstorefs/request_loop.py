@@ -2,9 +2,9 @@
 
 pyfuse3 runs its request loop in trio tasks. Before each request, a task
 takes a `trio.Lock` and parks on the ``/dev/fuse`` descriptor in trio's epoll
-loop: two passes through trio's scheduler and an ``epoll_ctl``. That was
-about 40 µs of the roughly 100 µs of daemon CPU per request (an ``rsync`` of
-small files sends 11 requests per file).
+loop: two passes through trio's scheduler and an ``epoll_ctl``. In an
+``rsync`` of 10,000 small files (11 requests per file), the daemon's CPU time
+per request fell from about 104 µs to 56 µs without that wait.
 
 `RequestWait` replaces that wait. When no other request is being served, a
 task first waits for the next request in a plain ``select(2)`` of at most
@@ -36,7 +36,7 @@ __all__ = ["DEFAULT_POLL_US", "RequestWait", "install"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_POLL_US = 200
-"""Longest wait in ``select(2)`` for the next request, in µs (``-o request_poll=USEC``).
+"""Maximum wait in ``select(2)`` for the next request, in µs (``-o request_poll=USEC``).
 
 In an ``rsync`` of 10,000 small files into a local store on a 2-core VM, more
 than 99 % of the waits ended within it. The trio loop runs nothing else during
@@ -168,7 +168,9 @@ def _fuse_descriptor() -> int | None:
         except OSError:  # closed since the listing
             continue
     if len(found) != 1:
-        logger.warning("found /dev/fuse open as %s, not once; using pyfuse3's request wait", found or "nothing")
+        logger.warning(
+            "expected one open /dev/fuse descriptor, found %s; using pyfuse3's request wait", found or "none"
+        )
         return None
     if found[0] >= SELECT_LIMIT:
         logger.warning("/dev/fuse is descriptor %d, too high for select(2); using pyfuse3's request wait", found[0])

@@ -178,7 +178,7 @@ class SFTPStagedValue(StagedValue):
         return self._retrier.call(f"read({self._temp_path!r})", lambda: self._read_once(offset, size))
 
     def _read_buffer(self, offset: int, size: int) -> bytes:
-        """Return a read of a value that is only in the buffer: zeros outside the buffered bytes."""
+        """Return *size* bytes at *offset* of a value that is only in the buffer, zeros where nothing was written."""
         check_read_range(offset, size)
         end = min(offset + size, self._size)
         if offset >= end:
@@ -200,7 +200,7 @@ class SFTPStagedValue(StagedValue):
     def truncate(self, size: int) -> None:
         self._check_usable()
         if size < 0:
-            raise ValueError(f"invalid size {size} to truncate staged value {self._temp_path} to: must be >= 0")
+            raise ValueError(f"invalid size {size} to truncate staged value {self._temp_path}: must be at least 0")
         if not self._created:
             if size < self._buffer_end:
                 del self._buffer[max(0, size - self._buffer_offset) :]
