@@ -39,7 +39,7 @@ from .errnos import FSError
 from .errors import ObjectAlreadyExists, ObjectNotFound
 from .filenames import decode_key, encode_name
 from .handles import FileHandle, FileHandleNo, FileState, KernelPages
-from .inodes import InodeNo, InodeTable, Node, NodeKind
+from .inodes import DIRECTORY_KINDS, TRASH_INODE, InodeNo, InodeTable, Node, NodeKind, derived_inode
 from .names import MAX_KEY_LENGTH, ROOTNS
 from .nesting import fits_level
 from .store import ItemInfo, Store
@@ -128,8 +128,8 @@ class ListedEntry(NamedTuple):
     name: bytes
     attributes: Attributes
     next_offset: int
-    counted: bool
-    """Whether replying with it counts as a kernel lookup (not for ``.`` and ``..``)."""
+    node: Node | None
+    """The node that a reply with this entry counts a kernel lookup of; None for ``.`` and ``..``."""
 
 
 class SpaceStats(NamedTuple):
@@ -151,6 +151,8 @@ class _Listing(NamedTuple):
     key: str
     size: int
     mtime_ns: int
+    derived: InodeNo
+    """`derived_inode` of the identity, computed in the listing's worker thread."""
 
 
 class _Directory:
@@ -570,33 +572,40 @@ class FileSystem:
         dotted = ((b".", node), (b"..", self._parent_of(node)))
         for offset in range(start, 2):
             name, target = dotted[offset]
-            yield ListedEntry(name, self.attributes(target), offset + 1, False)
+            yield ListedEntry(name, self.attributes(target), offset + 1, None)
+        # The loop runs for every entry of listings of 100,000 keys and more, while the
+        # kernel waits for the batch: names it uses are bound once, outside it.
+        listed = self.inodes.listed
+        file_mode = self._file_mode
         dirty = {state.node.identity: state for state in self._files.values() if state.dirty}
         for offset in range(max(start, 2), len(entries) + 2):
             entry = entries[offset - 2]
-            ino = self.inodes.peek(entry.kind, entry.namespace, entry.key)
-            if entry.kind.is_directory:
-                mtime = self._directory_mtimes.get((entry.kind, entry.namespace), self._started_ns)
-                attributes = Attributes(ino, self._directory_mode, 0, mtime)
+            kind = entry.kind
+            target = listed(kind, entry.namespace, entry.key, entry.derived)
+            if kind in DIRECTORY_KINDS:
+                mtime = self._directory_mtimes.get((kind, entry.namespace), self._started_ns)
+                attributes = Attributes(target.ino, self._directory_mode, 0, mtime)
             else:
-                state = dirty.get((entry.kind, entry.namespace, entry.key)) if dirty else None
+                state = dirty.get((kind, entry.namespace, entry.key)) if dirty else None
                 if state is not None:
-                    attributes = Attributes(ino, self._file_mode, state.size, state.mtime_ns)
+                    attributes = Attributes(target.ino, file_mode, state.size, state.mtime_ns)
                 else:
-                    attributes = Attributes(ino, self._file_mode, entry.size, entry.mtime_ns)
-            yield ListedEntry(entry.name, attributes, offset + 1, True)
+                    attributes = Attributes(target.ino, file_mode, entry.size, entry.mtime_ns)
+            yield ListedEntry(entry.name, attributes, offset + 1, target)
 
     def count_listed(self, dh: int, entry: ListedEntry) -> None:
-        """Count the kernel lookup that replying with *entry* (from `readdir` of *dh*) made."""
-        if not entry.counted:
+        """Count the kernel lookup that replying with *entry* (from `readdir` of *dh*) made.
+
+        Each entry must be counted before the next one is taken from `readdir`'s iterator.
+        """
+        node = entry.node
+        if node is None:
             return
-        directory = self._directories[dh]
-        listing = directory.entries[entry.next_offset - 3]  # type: ignore[index]
-        node = self.inodes.add(listing.kind, listing.namespace, listing.key)
         self.inodes.remember(node)
-        if not listing.kind.is_directory and node.ino not in self._files:
+        if node.kind not in DIRECTORY_KINDS and node.ino not in self._files:
             attributes = entry.attributes
-            node.size, node.mtime_ns, node.fetched = attributes.size, attributes.mtime_ns, directory.listed_at
+            node.size, node.mtime_ns = attributes.size, attributes.mtime_ns
+            node.fetched = self._directories[dh].listed_at
 
     async def releasedir(self, dh: int) -> None:
         """Close directory handle *dh*."""
@@ -658,13 +667,13 @@ class FileSystem:
             namespace = ROOTNS
             directory_kind = NodeKind.TRASH_NAMESPACE if deleted else NodeKind.NAMESPACE
             if node.kind == NodeKind.ROOT:
-                yield _Listing(TRASH_NAME, NodeKind.TRASH_ROOT, "", "", 0, 0)
+                yield _Listing(TRASH_NAME, NodeKind.TRASH_ROOT, "", "", 0, 0, TRASH_INODE)
             for name in self.store.namespaces():
                 decoded = decode_key(name)
                 if decoded is None:
                     hidden.append((ROOTNS, name))
                 else:
-                    yield _Listing(decoded, directory_kind, name, "", 0, 0)
+                    yield _Listing(decoded, directory_kind, name, "", 0, 0, derived_inode(directory_kind, name, ""))
         else:
             namespace = node.namespace
         started = self._started_ns
@@ -677,7 +686,8 @@ class FileSystem:
             mtime = info.mtime_ns if info.mtime_ns is not None else started
             if memo:
                 mtime = self._reported_mtime(f"{namespace}/{info.name}" if namespace else info.name, mtime)
-            yield _Listing(decoded, file_kind, namespace, info.name, info.size, mtime)
+            derived = derived_inode(file_kind, namespace, info.name)
+            yield _Listing(decoded, file_kind, namespace, info.name, info.size, mtime, derived)
 
     def _uncommitted_files(self, node: Node, listing: list[_Listing]) -> list[_Listing]:
         """Return entries for files created here and not yet in the store."""
@@ -696,7 +706,8 @@ class FileSystem:
         for pending_node in pending:
             name = decode_key(pending_node.key)
             if pending_node.key not in listed and name is not None:
-                extra.append(_Listing(name, NodeKind.FILE, pending_node.namespace, pending_node.key, 0, 0))
+                identity = pending_node.identity
+                extra.append(_Listing(name, *identity, 0, 0, derived_inode(*identity)))
         return extra
 
     def _warn_hidden_key(self, namespace: str, key: str) -> None:

@@ -23,7 +23,17 @@ import enum
 import logging
 from typing import NewType
 
-__all__ = ["ROOT_INODE", "TRASH_INODE", "InodeNo", "InodeTable", "Node", "NodeKind", "UnknownInode"]
+__all__ = [
+    "DIRECTORY_KINDS",
+    "ROOT_INODE",
+    "TRASH_INODE",
+    "InodeNo",
+    "InodeTable",
+    "Node",
+    "NodeKind",
+    "UnknownInode",
+    "derived_inode",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,15 +64,18 @@ class NodeKind(enum.IntEnum):
 
     @property
     def is_directory(self) -> bool:
-        return self in _DIRECTORY_KINDS
+        return self in DIRECTORY_KINDS
 
     @property
     def in_trash(self) -> bool:
         return self in _TRASH_KINDS
 
 
-_DIRECTORY_KINDS = frozenset({NodeKind.ROOT, NodeKind.TRASH_ROOT, NodeKind.NAMESPACE, NodeKind.TRASH_NAMESPACE})
+DIRECTORY_KINDS = frozenset({NodeKind.ROOT, NodeKind.TRASH_ROOT, NodeKind.NAMESPACE, NodeKind.TRASH_NAMESPACE})
+"""The kinds whose nodes are directories; a set test is cheaper than `NodeKind.is_directory` in loops."""
 _TRASH_KINDS = frozenset({NodeKind.TRASH_ROOT, NodeKind.TRASH_NAMESPACE, NodeKind.TRASH_FILE})
+
+_FIXED_KINDS = frozenset({NodeKind.ROOT, NodeKind.TRASH_ROOT})
 
 Identity = tuple[NodeKind, str, str]
 
@@ -165,16 +178,27 @@ class InodeTable:
         alias = self._aliases.get(identity)
         return self._nodes[alias] if alias is not None else None
 
-    def peek(self, kind: NodeKind, namespace: str, key: str) -> InodeNo:
-        """Return the number that `add` would give this identity now, without adding it."""
-        node = self.find(kind, namespace, key)
+    def listed(self, kind: NodeKind, namespace: str, key: str, derived: InodeNo) -> Node:
+        """Return the node for a directory entry: the attached one, or a new one that `remember` adds.
+
+        *derived* is `derived_inode` of the identity, which a caller that lists
+        many entries computes elsewhere. A new node's number is free now and
+        stays free only until the table changes: remember the node before any
+        other change, or not at all. In the rare case that the derived number
+        is taken, and for the fixed directories, this is `add`.
+        """
+        if kind in _FIXED_KINDS:
+            return self.add(kind, namespace, key)
+        node = self._find((kind, namespace, key), derived)
         if node is not None:
-            return node.ino
-        return self._free_inode(_derived_inode((kind, namespace, key)))
+            return node
+        if derived in self._nodes:
+            return self.add(kind, namespace, key)
+        return Node(derived, kind, namespace, key)
 
     def add(self, kind: NodeKind, namespace: str, key: str) -> Node:
         """Return the attached node with this identity, made if needed; lookup counts are not changed."""
-        if kind in (NodeKind.ROOT, NodeKind.TRASH_ROOT):
+        if kind in _FIXED_KINDS:
             return self.root if kind == NodeKind.ROOT else self.trash_root
         identity = (kind, namespace, key)
         derived = _derived_inode(identity)
@@ -198,7 +222,18 @@ class InodeTable:
 
     def remember(self, node: Node, count: int = 1) -> None:
         """Count *count* kernel lookups of *node* (lookup, create, mkdir, each readdirplus entry)."""
+        if self._nodes.get(node.ino) is not node:
+            self._adopt(node)
         node.lookups += count
+
+    def _adopt(self, node: Node) -> None:
+        """Add a node made by `listed`, or one dropped since it was found, at its own number."""
+        if node.ino in self._nodes:
+            raise RuntimeError(f"inode {node.ino} was taken before {node!r} was remembered")
+        self._nodes[node.ino] = node
+        identity = node.identity
+        if node.ino != _derived_inode(identity):
+            self._aliases[identity] = node.ino
 
     def forget(self, ino: int, count: int) -> None:
         """Drop *count* kernel lookups of inode *ino*, and the node once nothing refers to it.
@@ -254,6 +289,11 @@ class InodeTable:
         identity = node.identity
         if self._aliases.get(identity) == node.ino:
             del self._aliases[identity]
+
+
+def derived_inode(kind: NodeKind, namespace: str, key: str) -> InodeNo:
+    """Return the number that an identity gets unless it is taken; a pure function, safe in any thread."""
+    return _derived_inode((kind, namespace, key))
 
 
 def _derived_inode(identity: Identity) -> InodeNo:

@@ -81,12 +81,49 @@ def test_forget_unknown_ignored() -> None:
     assert len(table) == 2
 
 
-def test_peek_matches_add() -> None:
+def test_listed_node_joins_when_remembered() -> None:
     table = InodeTable()
 
-    number = table.peek(FILE, "ns", "key")
+    node = table.listed(FILE, "ns", "key", inodes.derived_inode(FILE, "ns", "key"))
 
-    assert table.add(FILE, "ns", "key").ino == number
+    assert len(table) == 2  # only the fixed directories: an entry the kernel refused leaves nothing
+    table.remember(node)
+    assert table.find(FILE, "ns", "key") is node
+    assert table.add(FILE, "ns", "key") is node
+    assert node.lookups == 1
+
+
+def test_listed_finds_known_node() -> None:
+    table = InodeTable()
+    known = table.add(FILE, "ns", "key")
+
+    assert table.listed(FILE, "ns", "key", inodes.derived_inode(FILE, "ns", "key")) is known
+    assert table.listed(NodeKind.TRASH_ROOT, "", "", TRASH_INODE) is table.trash_root
+
+
+def test_listed_probes_past_taken_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inodes, "_derived_inode", lambda identity: inodes.InodeNo(1000))
+    table = InodeTable()
+    table.remember(table.add(FILE, "ns", "a"))
+
+    second = table.listed(FILE, "ns", "b", inodes.derived_inode(FILE, "ns", "b"))
+    table.remember(second)
+
+    assert second.ino != 1000
+    assert table.find(FILE, "ns", "b") is second
+
+
+def test_remember_readds_dropped_node() -> None:
+    table = InodeTable()
+    node = table.add(FILE, "ns", "key")
+    table.remember(node)
+    table.forget(node.ino, 1)
+    assert table.find(FILE, "ns", "key") is None
+
+    table.remember(node)  # a lookup that found the node before the kernel forgot it
+
+    assert table.get(node.ino) is node
+    assert table.find(FILE, "ns", "key") is node
 
 
 def test_move_follows_rename() -> None:

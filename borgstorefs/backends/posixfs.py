@@ -23,7 +23,6 @@ import shutil
 import stat
 import threading
 from collections.abc import Callable, Iterator
-from operator import attrgetter
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -53,7 +52,6 @@ from ._base import (
 
 logger = logging.getLogger(__name__)
 
-_entry_name = attrgetter("name")
 """Sort key of `os.DirEntry` objects; names in a directory are unique."""
 
 T = TypeVar("T")
@@ -440,28 +438,39 @@ class PosixFS(Backend):
     def list(self, name: str) -> Iterator[ItemInfo]:
         self._check_open()
         path = self.path_of(name, base_allowed=True)
-        with translate_os_errors(name), os.scandir(path) as entries:
-            found = [entry for entry in entries if not entry.name.endswith(TMP_SUFFIX)]
-        found.sort(key=_entry_name)
+        with translate_os_errors(name):
+            found = [entry for entry in os.listdir(path) if not entry.endswith(TMP_SUFFIX)]
+        found.sort()
         # The directory is read here, so that a missing one raises at the call. The
         # stat of each entry waits until the caller gets to it: a mount replies with
         # the first entries of a large namespace while the rest are still unread.
-        return self._stat_each(name, found)
+        return self._stat_each(name, path, found)
 
     @staticmethod
-    def _stat_each(name: str, found: list[os.DirEntry[str]]) -> Iterator[ItemInfo]:
-        make = ItemInfo._make  # a mount lists whole namespaces: the per-entry cost is kept low
-        for entry in found:
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # removed since the directory was read
-            except OSError as error:
-                raise backend_error_for(error, f"{name}/{entry.name}" if name else entry.name) from error
-            if stat.S_ISDIR(st.st_mode):
-                yield make((entry.name, True, 0, True, st.st_mtime_ns))
-            else:
-                yield make((entry.name, True, st.st_size, False, st.st_mtime_ns))
+    def _stat_each(name: str, path: str, found: list[str]) -> Iterator[ItemInfo]:
+        # A mount lists whole namespaces, so the cost per entry is kept low: a stat
+        # relative to the open directory (no path walk), and `_make` (no argument parsing).
+        make = ItemInfo._make
+        try:
+            directory = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # removed since it was read, and with it every entry
+        except OSError as error:
+            raise backend_error_for(error, name) from error
+        try:
+            for entry in found:
+                try:
+                    st = os.stat(entry, dir_fd=directory, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # removed since the directory was read
+                except OSError as error:
+                    raise backend_error_for(error, f"{name}/{entry}" if name else entry) from error
+                if stat.S_ISDIR(st.st_mode):
+                    yield make((entry, True, 0, True, st.st_mtime_ns))
+                else:
+                    yield make((entry, True, st.st_size, False, st.st_mtime_ns))
+        finally:
+            os.close(directory)
 
     def list_kinds(self, name: str) -> list[tuple[str, bool]]:
         self._check_open()
