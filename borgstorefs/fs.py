@@ -292,7 +292,8 @@ class FileSystem:
         return self.inodes.root
 
     def _can_exist(self, namespace: str, key: str) -> bool:
-        return any(fits_level(key, level) for level in self.store.levels_of(namespace))
+        # A key fits every level up to the one it is long enough for: checking the lowest suffices.
+        return fits_level(key, min(self.store.levels_of(namespace)))
 
     def _check_creatable(self, namespace: str, key: str) -> None:
         if not fits_level(key, self.store.levels_of(namespace)[-1]):
@@ -342,7 +343,7 @@ class FileSystem:
         if info.exists and info.directory:
             return self.inodes.add(NodeKind.TRASH_NAMESPACE if in_trash else NodeKind.NAMESPACE, key, "")
         if not in_trash:
-            return self._file_node(NodeKind.FILE, ROOTNS, key, info)
+            return self._file_node(NodeKind.FILE, ROOTNS, key, info, self.inodes.find(NodeKind.FILE, ROOTNS, key))
         return await self._resolve_file(NodeKind.TRASH_FILE, ROOTNS, key)
 
     async def _resolve_file(self, kind: NodeKind, namespace: str, key: str) -> Node | None:
@@ -353,19 +354,24 @@ class FileSystem:
         if not self._can_exist(namespace, key):
             return None
         info = None
+        waited = False
         if kind == NodeKind.FILE:
             listing = self._indexing.get(namespace)
             if listing is not None:
                 # The listing uses a store session, so a lookup now could have to open another one.
                 with trio.move_on_after(INDEX_WAIT):
                     await listing.wait()
+                waited = True
             info = self._indexed_info(namespace, key)
         if info is None:
             name = f"{namespace}/{key}" if namespace else key
             info = await self.runner.run_quick(self.store.info, name, deleted=kind == NodeKind.TRASH_FILE)
+            waited = True
             if kind == NodeKind.FILE:
                 self._count_store_lookup(namespace)
-        return self._file_node(kind, namespace, key, info)
+        if waited:  # the table may have changed meanwhile
+            node = self.inodes.find(kind, namespace, key)
+        return self._file_node(kind, namespace, key, info, node)
 
     # Lookups served from a listing
     #
@@ -449,14 +455,14 @@ class FileSystem:
             items[info.name] = (info.size, info.mtime_ns)
         return items
 
-    def _file_node(self, kind: NodeKind, namespace: str, key: str, info: ItemInfo) -> Node | None:
-        node = self.inodes.find(kind, namespace, key)
-        state = self._files.get(node.ino) if node is not None else None
+    def _file_node(self, kind: NodeKind, namespace: str, key: str, info: ItemInfo, known: Node | None) -> Node | None:
+        """Return the node of a file that *info* says exists; *known* is what `InodeTable.find` returned for it."""
+        state = self._files.get(known.ino) if known is not None else None
         if state is not None and state.dirty and not state.unlinked:
-            return node  # created or changed here and not committed yet: the store does not know it
+            return known  # created or changed here and not committed yet: the store does not know it
         if not info.exists or info.directory:
             return None
-        node = self.inodes.add(kind, namespace, key)
+        node = known if known is not None else self.inodes.add(kind, namespace, key)
         self._note_info(node, info)
         return node
 
