@@ -128,23 +128,70 @@ class Attributes(NamedTuple):
     """Seconds since the epoch: version 3 has no finer times."""
 
 
+_UINT32 = struct.Struct(">I")
+_UINT64 = struct.Struct(">Q")
+_TIMES = struct.Struct(">II")
+
+
 def parse_attributes(message: Message, name: str = "") -> Attributes:
-    """Read an SFTP version 3 ATTRS structure from *message*."""
-    flags = message.get_int()
-    size = message.get_int64() if flags & ATTR_SIZE else None
+    """Read the SFTP version 3 ATTRS structure that ends *message*."""
+    return _parse(_attributes_at, message.get_remainder(), name)
+
+
+def parse_names(message: Message) -> list[Attributes]:
+    """Read the entries of an SSH_FXP_NAME reply from *message* (after its type and request id).
+
+    Parses the raw bytes: reading field by field through `Message` took a
+    quarter of the client's CPU time in a listing of 100,000 keys.
+    """
+    return _parse(_names_at, message.get_remainder(), "")
+
+
+def _parse(parser: Callable[[bytes, int, str], tuple[T, int]], data: bytes, name: str) -> T:
+    try:
+        return parser(data, 0, name)[0]
+    except struct.error as err:  # a field ends past the reply
+        raise SFTPError(f"SFTP reply of {len(data)} bytes is cut short: {err}") from None
+
+
+def _names_at(data: bytes, position: int, _name: str) -> tuple[list[Attributes], int]:
+    (count,) = _UINT32.unpack_from(data, position)
+    position += 4
+    names = []
+    for _ in range(count):
+        (length,) = _UINT32.unpack_from(data, position)
+        end = position + 4 + length
+        name = data[position + 4 : end].decode("utf-8")
+        (length,) = _UINT32.unpack_from(data, end)  # the "ls -l" line, meant for humans
+        entry, position = _attributes_at(data, end + 4 + length, name)
+        names.append(entry)
+    return names, position
+
+
+def _attributes_at(data: bytes, position: int, name: str) -> tuple[Attributes, int]:
+    (flags,) = _UINT32.unpack_from(data, position)
+    position += 4
+    size = mode = mtime = None
+    if flags & ATTR_SIZE:
+        (size,) = _UINT64.unpack_from(data, position)
+        position += 8
     if flags & ATTR_UIDGID:
-        message.get_int()
-        message.get_int()
-    mode = message.get_int() if flags & ATTR_PERMISSIONS else None
-    mtime = None
+        position += 8
+    if flags & ATTR_PERMISSIONS:
+        (mode,) = _UINT32.unpack_from(data, position)
+        position += 4
     if flags & ATTR_ACMODTIME:
-        message.get_int()  # atime
-        mtime = message.get_int()
+        _, mtime = _TIMES.unpack_from(data, position)  # atime, then mtime
+        position += 8
     if flags & ATTR_EXTENDED:
-        for _ in range(message.get_int()):
-            message.get_string()
-            message.get_string()
-    return Attributes(name, size, mode, mtime)
+        (count,) = _UINT32.unpack_from(data, position)
+        position += 4
+        for _ in range(2 * count):  # type and data of each extension
+            (length,) = _UINT32.unpack_from(data, position)
+            position += 4 + length
+    if position > len(data):
+        raise struct.error(f"attributes end at byte {position}")
+    return Attributes(name, size, mode, mtime), position
 
 
 def attributes(*, size: int | None = None, mtime: int | None = None) -> paramiko.SFTPAttributes:
@@ -480,12 +527,7 @@ class SFTPSession(paramiko.SFTPClient):
             raise
         if kind != CMD_NAME or message is None:
             raise SFTPError(f"expected SFTP NAME in reply to READDIR, got type {kind}")
-        names = []
-        for _ in range(message.get_int()):
-            name = message.get_text()
-            message.get_text()  # the "ls -l" line, meant for humans
-            names.append(parse_attributes(message, name))
-        return names
+        return parse_names(message)
 
 
 class PipelinedWriter:
