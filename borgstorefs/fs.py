@@ -130,6 +130,9 @@ class ListedEntry(NamedTuple):
     next_offset: int
     node: Node | None
     """The node that a reply with this entry counts a kernel lookup of; None for ``.`` and ``..``."""
+    cacheable: bool = True
+    """False for an entry that changed through this mount since the listing started, and is not
+    known anew: its name and attributes may be out of date, so the kernel must not cache them."""
 
 
 class SpaceStats(NamedTuple):
@@ -167,6 +170,8 @@ class _Directory:
         self.node = node
         self.entries: list[_Listing] | None = None
         self.listed_at = 0.0  # time.monotonic() when the listing started
+        self.changes: int | None = None
+        """`Store.changes` when the listing started; None for stores that keep no change log (MStore)."""
         self.complete = False
         self.failure: Exception | None = None
         """The error that ended the listing early, raised to the ``readdir`` that needs the missing entries."""
@@ -456,7 +461,10 @@ class FileSystem:
         return items
 
     def _file_node(self, kind: NodeKind, namespace: str, key: str, info: ItemInfo, known: Node | None) -> Node | None:
-        """Return the node of a file that *info* says exists; *known* is what `InodeTable.find` returned for it."""
+        """Return the node of the file that *info* describes, or None if it shows none.
+
+        *known* is `InodeTable.find`'s result for the file, taken after the caller's last await.
+        """
         state = self._files.get(known.ino) if known is not None else None
         if state is not None and state.dirty and not state.unlinked:
             return known  # created or changed here and not committed yet: the store does not know it
@@ -584,6 +592,8 @@ class FileSystem:
         listed = self.inodes.listed
         file_mode = self._file_mode
         dirty = {state.node.identity: state for state in self._files.values() if state.dirty}
+        # Items changed through this mount since the listing started are checked one by one.
+        changed = directory.changes is not None and self.store.changes != directory.changes
         for offset in range(max(start, 2), len(entries) + 2):
             entry = entries[offset - 2]
             kind = entry.kind
@@ -595,9 +605,22 @@ class FileSystem:
                 state = dirty.get((kind, entry.namespace, entry.key)) if dirty else None
                 if state is not None:
                     attributes = Attributes(target.ino, file_mode, state.size, state.mtime_ns)
+                elif changed and self._changed_since_listing(directory, entry):
+                    if target.attached and target.fetched > directory.listed_at:
+                        attributes = self._file_attributes(target)  # known since the change
+                    else:
+                        attributes = Attributes(target.ino, file_mode, entry.size, entry.mtime_ns)
+                        yield ListedEntry(entry.name, attributes, offset + 1, target, False)
+                        continue
                 else:
                     attributes = Attributes(target.ino, file_mode, entry.size, entry.mtime_ns)
             yield ListedEntry(entry.name, attributes, offset + 1, target)
+
+    def _changed_since_listing(self, directory: _Directory, entry: _Listing) -> bool:
+        assert directory.changes is not None
+        name = f"{entry.namespace}/{entry.key}" if entry.namespace else entry.key
+        # None: the change log no longer reaches back to the listing's start.
+        return self.store.changed_since(directory.changes, name) is not False
 
     def count_listed(self, dh: int, entry: ListedEntry) -> None:
         """Count the kernel lookup that replying with *entry* (from `readdir` of *dh*) made.
@@ -608,7 +631,7 @@ class FileSystem:
         if node is None:
             return
         self.inodes.remember(node)
-        if node.kind not in DIRECTORY_KINDS and node.ino not in self._files:
+        if entry.cacheable and node.kind not in DIRECTORY_KINDS and node.ino not in self._files:
             attributes = entry.attributes
             node.size, node.mtime_ns = attributes.size, attributes.mtime_ns
             node.fetched = self._directories[dh].listed_at
@@ -626,6 +649,7 @@ class FileSystem:
         directory.complete = False
         directory.failure = None
         directory.listed_at = time.monotonic()
+        directory.changes = getattr(self.store, "changes", None)
         if self.spawn is None:
             await self._fill(directory, directory.listing)
         else:

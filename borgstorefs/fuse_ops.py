@@ -158,7 +158,10 @@ class Operations(pyfuse3.Operations):
         """
         entries = await self.fs.readdir(fh, start_id)
         for entry in entries:
-            if not pyfuse3.readdir_reply(token, entry.name, self._entry(entry.attributes), entry.next_offset):
+            attributes = self._entry(entry.attributes)
+            if not entry.cacheable:
+                attributes.attr_timeout = attributes.entry_timeout = 0
+            if not pyfuse3.readdir_reply(token, entry.name, attributes, entry.next_offset):
                 break
             self.fs.count_listed(fh, entry)
 

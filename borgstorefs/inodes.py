@@ -184,17 +184,15 @@ class InodeTable:
         *derived* is `derived_inode` of the identity, which a caller that lists
         many entries computes elsewhere. A new node's number is free now and
         stays free only until the table changes: remember the node before any
-        other change, or not at all. In the rare case that the derived number
-        is taken, and for the fixed directories, this is `add`.
+        other change, or not at all. A new node whose derived number is taken
+        gets the next free one; `remember` then records the alias.
         """
         if kind in _FIXED_KINDS:
             return self.add(kind, namespace, key)
         node = self._find((kind, namespace, key), derived)
         if node is not None:
             return node
-        if derived in self._nodes:
-            return self.add(kind, namespace, key)
-        return Node(derived, kind, namespace, key)
+        return Node(self._free_inode(derived), kind, namespace, key)
 
     def add(self, kind: NodeKind, namespace: str, key: str) -> Node:
         """Return the attached node with this identity, made if needed; lookup counts are not changed."""

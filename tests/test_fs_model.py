@@ -211,6 +211,41 @@ def test_readdir_resumes_at_offset(tmp_path: Path) -> None:
     run_model(tmp_path, body, items=items)
 
 
+def test_listing_shows_own_overwrite(tmp_path: Path) -> None:
+    items = {f"ns/key{i:03d}": b"old" for i in range(20)}
+
+    async def body(fs: FileSystem, store: Store) -> None:
+        dh = await fs.opendir(await inode_of(fs, "ns"))
+        first = list(await fs.readdir(dh, 0))[:7]
+        await write_file(fs, "ns/key015", b"a longer value")
+
+        rest = {entry.name: entry for entry in await fs.readdir(dh, first[-1].next_offset)}
+
+        assert rest[b"key015"].attributes.size == 14
+        assert rest[b"key015"].cacheable
+        assert rest[b"key016"].attributes.size == 3
+
+    run_model(tmp_path, body, items=items)
+
+
+def test_listing_marks_own_removal_uncacheable(tmp_path: Path) -> None:
+    items = {f"ns/key{i:03d}": b"old" for i in range(20)}
+
+    async def body(fs: FileSystem, store: Store) -> None:
+        dh = await fs.opendir(await inode_of(fs, "ns"))
+        first = list(await fs.readdir(dh, 0))[:7]
+        await fs.unlink(await inode_of(fs, "ns"), b"key015")
+
+        rest = {entry.name: entry for entry in await fs.readdir(dh, first[-1].next_offset)}
+
+        # The snapshot still names it, but the kernel keeps neither the name nor its attributes.
+        assert not rest[b"key015"].cacheable
+        assert rest[b"key016"].cacheable
+        assert await lookup(fs, "ns/key015") is None
+
+    run_model(tmp_path, body, items=items)
+
+
 def test_non_canonical_keys_hidden(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     items = {"ns/100%": b"a", "ns/%61": b"b", "ns/fine": b"c"}
 

@@ -107,10 +107,13 @@ def test_listed_probes_past_taken_number(monkeypatch: pytest.MonkeyPatch) -> Non
     table.remember(table.add(FILE, "ns", "a"))
 
     second = table.listed(FILE, "ns", "b", inodes.derived_inode(FILE, "ns", "b"))
+    assert len(table) == 3  # not added before the kernel takes the entry
     table.remember(second)
 
     assert second.ino != 1000
     assert table.find(FILE, "ns", "b") is second
+    table.forget(second.ino, 1)
+    assert table._aliases == {}
 
 
 def test_remember_readds_dropped_node() -> None:
