@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from borgstorefs.backends.posixfs import PosixFS
+from borgstorefs.errors import ObjectNotFound
 
 GiB = 1024**3
 HOLE = GiB
@@ -106,3 +108,62 @@ def test_commit_returns_stored_info(tmp_path: Path, mtime_ns: int | None) -> Non
         assert info == backend.info("ns/item")
         if mtime_ns is not None:
             assert info.mtime_ns == mtime_ns
+
+
+def call_within(seconds: float, function: Any, *args: Any) -> Any:
+    """Return ``function(*args)``, or fail the test if it has not returned after *seconds*."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(("value", function(*args)))
+        except Exception as error:
+            outcome.append(("error", error))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"{function.__name__} still blocks after {seconds} s"
+    kind, result = outcome[0]
+    if kind == "error":
+        raise result
+    return result
+
+
+def test_fifo_is_no_item(tmp_path: Path) -> None:
+    backend = PosixFS(tmp_path / "store")
+    backend.create()
+    with backend:
+        backend.store("ns/file", b"data")
+        os.mkfifo(tmp_path / "store" / "ns" / "fifo")
+
+        listed = [info.name for info in backend.list("ns")]
+        info = backend.info("ns/fifo")
+
+        assert listed == ["file"]
+        assert not info.exists
+        with pytest.raises(ObjectNotFound):
+            call_within(5, backend.load, "ns/fifo")
+        with pytest.raises(ObjectNotFound):
+            call_within(5, backend.open_reader, "ns/fifo")
+        with pytest.raises(ObjectNotFound):
+            call_within(5, lambda: backend.stage("ns/fifo", copy_from="ns/fifo"))
+
+
+def test_symbolic_links_followed(tmp_path: Path) -> None:
+    backend = PosixFS(tmp_path / "store")
+    backend.create()
+    with backend:
+        backend.store("ns/target", b"the value")
+        directory = tmp_path / "store" / "ns"
+        (directory / "link").symlink_to("target")
+        (directory / "dangling").symlink_to("nowhere")
+        (directory / "loop").symlink_to("loop")
+
+        listed = {info.name: info.size for info in backend.list("ns")}
+
+        assert listed == {"link": 9, "target": 9}
+        assert backend.info("ns/link").size == 9
+        assert backend.load("ns/link") == b"the value"
+        assert not backend.info("ns/dangling").exists
+        assert not backend.info("ns/loop").exists

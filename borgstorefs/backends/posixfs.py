@@ -104,6 +104,27 @@ def create_temp_file(target: str) -> tuple[str, int]:
     return temp_path, call_making_parent(target, lambda: os.open(temp_path, flags, 0o666))
 
 
+_GONE_ERRNOS = frozenset({errno.ENOENT, errno.ELOOP})
+"""Errors of a stat that mean no item: the entry is gone, or a symbolic link leads nowhere."""
+
+
+def open_value(name: str, path: str) -> int:
+    """Open the value of item *name* at *path* for reading and return the descriptor.
+
+    Raises `ObjectNotFound` for anything but a regular file. The open does
+    not block: without O_NONBLOCK, opening a FIFO waits for a writer, and
+    a mount would hang with it.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ObjectNotFound(name, f"item not found: {name!r} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def is_file(path: str) -> bool:
     """Return whether *path* is a regular file, following symbolic links, as `Path.is_file` does."""
     try:
@@ -236,7 +257,8 @@ class PosixStagedValue(StagedValue):
     this object writes to the temporary file that ``O_EXCL`` created.
     """
 
-    def __init__(self, backend: PosixFS, target: str, copy_from: str | None) -> None:
+    def __init__(self, backend: PosixFS, target: str, copy_from: tuple[str, str] | None) -> None:
+        """*copy_from* is the name and path of the item whose value the staged one starts with."""
         self._backend = backend
         self._temp_path, fd = create_temp_file(target)
         self._fd: int | None = fd
@@ -244,7 +266,7 @@ class PosixStagedValue(StagedValue):
         self._renamed = False  # the temporary file became the item
         try:
             if copy_from is not None:
-                source_fd = os.open(copy_from, os.O_RDONLY | os.O_CLOEXEC)
+                source_fd = open_value(*copy_from)
                 try:
                     self._size = copy_file_data(source_fd, fd)
                 finally:
@@ -320,11 +342,9 @@ class PosixReader(ValueReader):
     def __init__(self, name: str, path: str) -> None:
         self._name = name
         with translate_os_errors(name):
-            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self._fd = open_value(name, path)
             try:
                 st = os.fstat(self._fd)
-                if stat.S_ISDIR(st.st_mode):
-                    raise ObjectNotFound(name, f"item not found: {name!r} is a directory")
             except BaseException:
                 os.close(self._fd)
                 raise
@@ -460,15 +480,15 @@ class PosixFS(Backend):
         try:
             for entry in found:
                 try:
-                    st = os.stat(entry, dir_fd=directory, follow_symlinks=False)
-                except FileNotFoundError:
-                    continue  # removed since the directory was read
+                    st = os.stat(entry, dir_fd=directory)
                 except OSError as error:
+                    if error.errno in _GONE_ERRNOS:
+                        continue  # removed since the directory was read, or a link to nothing
                     raise backend_error_for(error, f"{name}/{entry}" if name else entry) from error
-                if stat.S_ISDIR(st.st_mode):
-                    yield make((entry, True, 0, True, st.st_mtime_ns))
-                else:
+                if stat.S_ISREG(st.st_mode):
                     yield make((entry, True, st.st_size, False, st.st_mtime_ns))
+                elif stat.S_ISDIR(st.st_mode):
+                    yield make((entry, True, 0, True, st.st_mtime_ns))
         finally:
             os.close(directory)
 
@@ -492,18 +512,21 @@ class PosixFS(Backend):
         base_name = name.rpartition("/")[2] if name else self.base.name
         try:
             st = os.stat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return ItemInfo(base_name, False, 0, False)
         except OSError as err:
+            if err.errno in _GONE_ERRNOS or err.errno == errno.ENOTDIR:
+                return ItemInfo(base_name, False, 0, False)
             raise backend_error_for(err, name) from err
-        directory = stat.S_ISDIR(st.st_mode)
-        return ItemInfo(base_name, True, 0 if directory else st.st_size, directory, st.st_mtime_ns)
+        if stat.S_ISREG(st.st_mode):
+            return ItemInfo(base_name, True, st.st_size, False, st.st_mtime_ns)
+        if stat.S_ISDIR(st.st_mode):
+            return ItemInfo(base_name, True, 0, True, st.st_mtime_ns)
+        return ItemInfo(base_name, False, 0, False)  # a FIFO, socket or device is no item
 
     def load(self, name: str, *, size: int | None = None, offset: int = 0) -> bytes:
         self._check_open()
         path = self.path_of(name)
         with translate_os_errors(name):
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_value(name, path)
             try:
                 if offset < 0 or size is None:
                     length = os.fstat(fd).st_size
@@ -570,7 +593,7 @@ class PosixFS(Backend):
     def stage(self, name: str, *, copy_from: str | None = None) -> StagedValue:
         self._check_open()
         target = self.path_of(name)
-        source = self.path_of(copy_from) if copy_from is not None else None
+        source = (copy_from, self.path_of(copy_from)) if copy_from is not None else None
         with translate_os_errors(copy_from or name):
             return PosixStagedValue(self, target, source)
 
