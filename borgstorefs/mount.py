@@ -41,7 +41,7 @@ from .mstore_cli import MStoreSpec, add_spec_options, build_mstore, spec_from_ar
 from .mstore_layout import bucket_owners
 from .request_loop import DEFAULT_POLL_US
 from .store import Store
-from .workers import DEFAULT_THREADS, StoreRunner
+from .workers import DEFAULT_QUICK_WAIT_US, DEFAULT_THREADS, StoreRunner
 
 __all__ = ["add_parser"]
 
@@ -79,6 +79,9 @@ MAX_READ_AROUND_KIB = 8 * 1024
 
 MAX_REQUEST_POLL_US = 100_000
 """Maximum ``-o request_poll`` value, in µs: the trio loop runs nothing else while it waits."""
+
+MAX_QUICK_WAIT_US = 100_000
+"""Maximum ``-o quick_wait`` value, in µs: the trio loop runs nothing else while it blocks."""
 
 MAX_READ_AHEAD_KIB = 1024 * 1024
 """Largest ``-o read_ahead`` accepted, in KiB (1 GiB): more would only fill the page cache for nothing."""
@@ -152,6 +155,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         f"threads=N (store calls at once, default {DEFAULT_THREADS}), "
         f"request_poll=USEC (how long an idle request loop waits for the next request before it yields "
         f"to trio, default {DEFAULT_POLL_US}; 0 uses pyfuse3's own wait), "
+        f"quick_wait=USEC (how long the request loop blocks for a quick store call in a worker thread "
+        f"while it serves no other request, default {DEFAULT_QUICK_WAIT_US}; 0 always yields to trio), "
         "inline_quick or threaded_quick (run quick store calls, metadata and reads up to 128 KiB, in the "
         "request loop or in worker threads; default: inline for file:// stores), "
         "and the generic noatime, nodev, nosuid, noexec, sync, dirsync",
@@ -198,6 +203,7 @@ class MountSettings:
         self.inline_quick: bool | None = None  # None: inline for local (file://) stores
         self.read_around_kib: int | None = None  # None: the default for remote stores, off for local ones
         self.request_poll_us = DEFAULT_POLL_US
+        self.quick_wait_us = DEFAULT_QUICK_WAIT_US
         self.fuse_options: set[str] = set()
         for option in (part for arg in option_args for part in arg.split(",") if part):
             self._add(option)
@@ -229,6 +235,10 @@ class MountSettings:
             self.request_poll_us = int(_parse_number(option, value, int, 0))
             if self.request_poll_us > MAX_REQUEST_POLL_US:
                 raise MountError(f"invalid value in -o {option}: must be at most {MAX_REQUEST_POLL_US}")
+        elif equals and name == "quick_wait":
+            self.quick_wait_us = int(_parse_number(option, value, int, 0))
+            if self.quick_wait_us > MAX_QUICK_WAIT_US:
+                raise MountError(f"invalid value in -o {option}: must be at most {MAX_QUICK_WAIT_US}")
         elif equals and name == "max_read":
             self.fuse_options.add(f"max_read={_parse_number(option, value, int, 4096)}")
         elif option in ("default_permissions", "fsname", "subtype") or name in ("fsname", "subtype"):
@@ -455,7 +465,8 @@ def run_daemon(
     )
     inline = settings.inline_quick if settings.inline_quick is not None else local
     # FileSystem is annotated with Store, and MStore provides every Store method that it calls.
-    fs = FileSystem(cast(Store, store), options, StoreRunner(settings.threads, inline_quick=inline))
+    runner = StoreRunner(settings.threads, inline_quick=inline, quick_wait_us=settings.quick_wait_us)
+    fs = FileSystem(cast(Store, store), options, runner)
     try:
         _init_fuse(pyfuse3, Operations(fs), args, settings, spec)
     except BaseException:
@@ -595,6 +606,8 @@ async def _serve(
         try:
             async with trio.open_nursery() as nursery:
                 wait = request_loop.install(pyfuse3, request_poll_us)
+                if wait is not None:
+                    fs.runner.may_block = wait.serves_only_caller
                 await nursery.start(_stop_on_signal, wait)
                 nursery.start_soon(_tune_then_report, tune, ready_fd)
                 await pyfuse3.main()

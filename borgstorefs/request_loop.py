@@ -90,6 +90,15 @@ class RequestWait:
         while self._idle:
             trio.lowlevel.reschedule(self._idle.pop())
 
+    def serves_only_caller(self) -> bool:
+        """Return whether no request other than the calling task's own is being served.
+
+        Blocking the trio thread briefly then delays no handler, only the
+        next request and background tasks (see `StoreRunner.run_quick`).
+        """
+        serving = self._serving
+        return not serving or (len(serving) == 1 and trio.lowlevel.current_task() in serving)
+
     async def __call__(self) -> bool:
         task = trio.lowlevel.current_task()
         self._serving.discard(task)  # its previous request, if any, is done

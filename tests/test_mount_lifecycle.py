@@ -188,6 +188,9 @@ def test_bad_url_fails(background_mount: Callable[..., BackgroundMount], bad_url
         "request_poll=-1",
         "request_poll=100001",
         "request_poll=fast",
+        "quick_wait=-1",
+        "quick_wait=100001",
+        "quick_wait=fast",
     ],
 )
 def test_bad_option_value_fails(url: str, background_mount: Callable[..., BackgroundMount], option: str) -> None:

@@ -117,3 +117,27 @@ def test_install_needs_fuse_descriptor() -> None:
 
     assert install(module, 200) is None
     assert module._wait_fuse_readable == module.original_wait
+
+
+def test_serves_only_caller(pipe: tuple[int, int]) -> None:
+    read_end, write_end = pipe
+    seen: dict[str, bool] = {}
+
+    async def main() -> None:
+        wait = RequestWait(read_end, 200)
+        seen["idle"] = wait.serves_only_caller()
+        os.write(write_end, b"r")
+        assert await wait()
+        os.read(read_end, 1)
+        seen["serving"] = wait.serves_only_caller()
+
+        async def other() -> None:
+            seen["other task"] = wait.serves_only_caller()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)
+
+    trio.run(main)
+    assert seen["idle"] is True
+    assert seen["serving"] is True
+    assert seen["other task"] is False
