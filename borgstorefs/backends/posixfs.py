@@ -513,9 +513,9 @@ class PosixFS(Backend):
         try:
             st = os.stat(path)
         except OSError as err:
-            if err.errno in _GONE_ERRNOS or err.errno == errno.ENOTDIR:
+            if err.errno in (errno.ENOENT, errno.ENOTDIR):
                 return ItemInfo(base_name, False, 0, False)
-            raise backend_error_for(err, name) from err
+            raise backend_error_for(err, name) from err  # ELOOP too: a broken store, unlike a missing item
         if stat.S_ISREG(st.st_mode):
             return ItemInfo(base_name, True, st.st_size, False, st.st_mtime_ns)
         if stat.S_ISDIR(st.st_mode):
