@@ -598,6 +598,7 @@ class FileSystem:
             entry = entries[offset - 2]
             kind = entry.kind
             target = listed(kind, entry.namespace, entry.key, entry.derived)
+            cacheable = True
             if kind in DIRECTORY_KINDS:
                 mtime = self._directory_mtimes.get((kind, entry.namespace), self._started_ns)
                 attributes = Attributes(target.ino, self._directory_mode, 0, mtime)
@@ -607,14 +608,13 @@ class FileSystem:
                     attributes = Attributes(target.ino, file_mode, state.size, state.mtime_ns)
                 elif changed and self._changed_since_listing(directory, entry):
                     if target.attached and target.fetched > directory.listed_at:
-                        attributes = self._file_attributes(target)  # known since the change
+                        attributes = self._file_attributes(target)  # fetched after the change
                     else:
                         attributes = Attributes(target.ino, file_mode, entry.size, entry.mtime_ns)
-                        yield ListedEntry(entry.name, attributes, offset + 1, target, False)
-                        continue
+                        cacheable = False
                 else:
                     attributes = Attributes(target.ino, file_mode, entry.size, entry.mtime_ns)
-            yield ListedEntry(entry.name, attributes, offset + 1, target)
+            yield ListedEntry(entry.name, attributes, offset + 1, target, cacheable)
 
     def _changed_since_listing(self, directory: _Directory, entry: _Listing) -> bool:
         assert directory.changes is not None

@@ -121,9 +121,7 @@ class StoreRunner:
         except trio.WouldBlock:
             await self.limiter.acquire_on_behalf_of(borrower)
         try:
-            if block:
-                return await _call_in_thread_blocking(call, block)
-            return await _call_in_thread(call)
+            return await _call_in_thread(call, block)
         finally:
             self.limiter.release_on_behalf_of(borrower)
 
@@ -153,27 +151,13 @@ class StoreRunner:
         await trio.to_thread.run_sync(pull, limiter=self.limiter)
 
 
-async def _call_in_thread(call: Callable[[], T]) -> T:
-    """Run *call* in a thread of trio's thread cache and wait for it, also when cancelled."""
-    token = trio.lowlevel.current_trio_token()
-    task = trio.lowlevel.current_task()
+async def _call_in_thread(call: Callable[[], T], block: float = 0.0) -> T:
+    """Run *call* in a thread of trio's thread cache and wait for it, also when cancelled.
 
-    def deliver(result: outcome.Outcome[T]) -> None:
-        # The run cannot end first while the task waits, but trio's own hand-off allows for it too.
-        with contextlib.suppress(trio.RunFinishedError):
-            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
-
-    trio.lowlevel.start_thread_soon(call, deliver)
-    # A thread cannot be stopped, so a cancellation takes effect at the caller's next checkpoint.
-    return await trio.lowlevel.wait_task_rescheduled(lambda _raise_cancel: trio.lowlevel.Abort.FAILED)  # type: ignore[no-any-return]
-
-
-async def _call_in_thread_blocking(call: Callable[[], T], block: float) -> T:
-    """Run *call* in a worker thread and block the trio thread up to *block* seconds for its result.
-
-    Under *guard*, the worker hands the result over directly while the trio
-    thread still blocks. Once the trio thread has stopped blocking, the worker
-    reschedules the task as `_call_in_thread` does.
+    With *block* > 0, the trio thread first blocks for up to *block* seconds.
+    A result that arrives by then is handed over directly, under *guard*,
+    without trio's wakeup socket and scheduler. Later, the worker reschedules
+    the task through trio.
     """
     token = trio.lowlevel.current_trio_token()
     task = trio.lowlevel.current_task()
@@ -182,7 +166,7 @@ async def _call_in_thread_blocking(call: Callable[[], T], block: float) -> T:
     done = threading.Lock()
     done.acquire()
     results: list[outcome.Outcome[T]] = []
-    blocking = True  # guarded by *guard*
+    blocking = block > 0  # guarded by *guard*
 
     def deliver(result: outcome.Outcome[T]) -> None:
         with guard:
@@ -190,16 +174,19 @@ async def _call_in_thread_blocking(call: Callable[[], T], block: float) -> T:
                 results.append(result)
                 done.release()
                 return
+        # The run cannot end first while the task waits, but trio's own hand-off allows for it too.
         with contextlib.suppress(trio.RunFinishedError):
             token.run_sync_soon(trio.lowlevel.reschedule, task, result)
 
     trio.lowlevel.start_thread_soon(call, deliver)
-    done.acquire(timeout=block)
-    with guard:
-        blocking = False
-    if results:
-        # No checkpoint, as with an inline call: the request loop yields before it reads the next request.
-        return results[0].unwrap()
+    if blocking:
+        done.acquire(timeout=block)
+        with guard:
+            blocking = False
+        if results:
+            # No checkpoint, as with an inline call: the request loop yields before it reads the next request.
+            return results[0].unwrap()
+    # A thread cannot be stopped, so a cancellation takes effect at the caller's next checkpoint.
     return await trio.lowlevel.wait_task_rescheduled(lambda _raise_cancel: trio.lowlevel.Abort.FAILED)  # type: ignore[no-any-return]
 
 

@@ -52,8 +52,6 @@ from ._base import (
 
 logger = logging.getLogger(__name__)
 
-"""Sort key of `os.DirEntry` objects; names in a directory are unique."""
-
 T = TypeVar("T")
 
 _AT_FDCWD = -100
@@ -108,8 +106,8 @@ _GONE_ERRNOS = frozenset({errno.ENOENT, errno.ELOOP})
 """Errors of a stat that mean no item: the entry is gone, or a symbolic link leads nowhere."""
 
 
-def open_value(name: str, path: str) -> int:
-    """Open the value of item *name* at *path* for reading and return the descriptor.
+def open_value(name: str, path: str) -> tuple[int, os.stat_result]:
+    """Open the value of item *name* at *path* for reading; return the descriptor and its status.
 
     Raises `ObjectNotFound` for anything but a regular file. The open does
     not block: without O_NONBLOCK, opening a FIFO waits for a writer, and
@@ -117,12 +115,13 @@ def open_value(name: str, path: str) -> int:
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise ObjectNotFound(name, f"item not found: {name!r} is not a regular file")
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, st
 
 
 def is_file(path: str) -> bool:
@@ -266,7 +265,7 @@ class PosixStagedValue(StagedValue):
         self._renamed = False  # the temporary file became the item
         try:
             if copy_from is not None:
-                source_fd = open_value(*copy_from)
+                source_fd, _ = open_value(*copy_from)
                 try:
                     self._size = copy_file_data(source_fd, fd)
                 finally:
@@ -342,12 +341,7 @@ class PosixReader(ValueReader):
     def __init__(self, name: str, path: str) -> None:
         self._name = name
         with translate_os_errors(name):
-            self._fd = open_value(name, path)
-            try:
-                st = os.fstat(self._fd)
-            except BaseException:
-                os.close(self._fd)
-                raise
+            self._fd, st = open_value(name, path)
         super().__init__(st.st_size, st.st_mtime_ns)
         # The descriptor is closed by the call that ends the last use: `close`, or
         # the last read that ran while `close` was called. Closing it under a
@@ -526,10 +520,10 @@ class PosixFS(Backend):
         self._check_open()
         path = self.path_of(name)
         with translate_os_errors(name):
-            fd = open_value(name, path)
+            fd, st = open_value(name, path)
             try:
                 if offset < 0 or size is None:
-                    length = os.fstat(fd).st_size
+                    length = st.st_size
                     if offset < 0:
                         offset = max(0, length + offset)
                     if size is None:
