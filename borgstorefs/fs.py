@@ -129,10 +129,10 @@ class ListedEntry(NamedTuple):
     attributes: Attributes
     next_offset: int
     node: Node | None
-    """The node that a reply with this entry counts a kernel lookup of; None for ``.`` and ``..``."""
+    """The node whose kernel lookups a reply with this entry counts, or None for ``.`` and ``..``."""
     cacheable: bool = True
-    """False for an entry that changed through this mount since the listing started, and is not
-    known anew: its name and attributes may be out of date, so the kernel must not cache them."""
+    """False for an entry changed through this mount since the listing started, whose current
+    attributes are unknown. Its name and attributes may be out of date, so the kernel must not cache them."""
 
 
 class SpaceStats(NamedTuple):
@@ -171,7 +171,7 @@ class _Directory:
         self.entries: list[_Listing] | None = None
         self.listed_at = 0.0  # time.monotonic() when the listing started
         self.changes: int | None = None
-        """`Store.changes` when the listing started; None for stores that keep no change log (MStore)."""
+        """`Store.changes` when the listing started, or None for stores without a change log (MStore)."""
         self.complete = False
         self.failure: Exception | None = None
         """The error that ended the listing early, raised to the ``readdir`` that needs the missing entries."""
@@ -297,7 +297,7 @@ class FileSystem:
         return self.inodes.root
 
     def _can_exist(self, namespace: str, key: str) -> bool:
-        # A key fits every level up to the one it is long enough for: checking the lowest suffices.
+        # A key that fits a level fits every lower one, so checking the lowest level suffices.
         return fits_level(key, min(self.store.levels_of(namespace)))
 
     def _check_creatable(self, namespace: str, key: str) -> None:
@@ -374,7 +374,7 @@ class FileSystem:
             waited = True
             if kind == NodeKind.FILE:
                 self._count_store_lookup(namespace)
-        if waited:  # the table may have changed meanwhile
+        if waited:  # the table may have changed during the wait
             node = self.inodes.find(kind, namespace, key)
         return self._file_node(kind, namespace, key, info, node)
 
@@ -587,8 +587,8 @@ class FileSystem:
         for offset in range(start, 2):
             name, target = dotted[offset]
             yield ListedEntry(name, self.attributes(target), offset + 1, None)
-        # The loop runs for every entry of listings of 100,000 keys and more, while the
-        # kernel waits for the batch: names it uses are bound once, outside it.
+        # This loop runs once per entry of listings of 100,000 keys and more, while the
+        # kernel waits for the batch. So the names it uses are bound outside it.
         listed = self.inodes.listed
         file_mode = self._file_mode
         dirty = {state.node.identity: state for state in self._files.values() if state.dirty}
@@ -619,7 +619,7 @@ class FileSystem:
     def _changed_since_listing(self, directory: _Directory, entry: _Listing) -> bool:
         assert directory.changes is not None
         name = f"{entry.namespace}/{entry.key}" if entry.namespace else entry.key
-        # None: the change log no longer reaches back to the listing's start.
+        # None means that the change log no longer reaches back to the listing's start.
         return self.store.changed_since(directory.changes, name) is not False
 
     def count_listed(self, dh: int, entry: ListedEntry) -> None:

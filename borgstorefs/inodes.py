@@ -72,7 +72,7 @@ class NodeKind(enum.IntEnum):
 
 
 DIRECTORY_KINDS = frozenset({NodeKind.ROOT, NodeKind.TRASH_ROOT, NodeKind.NAMESPACE, NodeKind.TRASH_NAMESPACE})
-"""The kinds whose nodes are directories; a set test is cheaper than `NodeKind.is_directory` in loops."""
+"""The kinds whose nodes are directories. In loops, a set test is cheaper than `NodeKind.is_directory`."""
 _TRASH_KINDS = frozenset({NodeKind.TRASH_ROOT, NodeKind.TRASH_NAMESPACE, NodeKind.TRASH_FILE})
 
 _FIXED_KINDS = frozenset({NodeKind.ROOT, NodeKind.TRASH_ROOT})
@@ -290,7 +290,7 @@ class InodeTable:
 
 
 def derived_inode(kind: NodeKind, namespace: str, key: str) -> InodeNo:
-    """Return the number that an identity gets unless it is taken; a pure function, safe in any thread."""
+    """Return the number that an identity gets unless another node has it. Safe in any thread."""
     return _derived_inode((kind, namespace, key))
 
 

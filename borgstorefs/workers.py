@@ -33,8 +33,8 @@ DEFAULT_QUICK_WAIT_US = 2000
 """Maximum time the trio thread blocks for a quick call in a worker thread, in µs (``-o quick_wait=USEC``).
 
 It covers the three round trips of a small SFTP commit over loopback: about
-1.6 ms measured in the ``-d`` log of an rsync on a loaded 2-core VM. A request that arrives meanwhile waits at most
-this long.
+1.6 ms, measured in the ``-d`` log of an rsync on a loaded 2-core VM. A
+request that arrives meanwhile waits at most this long.
 
 With round trips longer than this, as to a distant server, quick calls
 would block the full time and then wait through trio all the same. So
@@ -62,7 +62,7 @@ class StoreRunner:
         if threads < 1:
             raise ValueError(f"threads must be at least 1, not {threads}")
         if quick_wait_us < 0:
-            raise ValueError(f"quick_wait_us must be at least 0, not {quick_wait_us}")
+            raise ValueError(f"invalid quick_wait_us {quick_wait_us}: must be at least 0")
         self.limiter = trio.CapacityLimiter(threads)
         self.inline_quick = inline_quick
         self.quick_wait = quick_wait_us / 1e6

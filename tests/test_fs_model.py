@@ -228,7 +228,7 @@ def test_listing_shows_own_overwrite(tmp_path: Path) -> None:
     run_model(tmp_path, body, items=items)
 
 
-def test_listing_marks_own_removal_uncacheable(tmp_path: Path) -> None:
+def test_listing_own_removal_uncacheable(tmp_path: Path) -> None:
     items = {f"ns/key{i:03d}": b"old" for i in range(20)}
 
     async def body(fs: FileSystem, store: Store) -> None:

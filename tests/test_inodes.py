@@ -86,7 +86,7 @@ def test_listed_node_joins_when_remembered() -> None:
 
     node = table.listed(FILE, "ns", "key", inodes.derived_inode(FILE, "ns", "key"))
 
-    assert len(table) == 2  # only the fixed directories: an entry the kernel refused leaves nothing
+    assert len(table) == 2  # only the fixed directories: an entry the kernel rejected leaves nothing
     table.remember(node)
     assert table.find(FILE, "ns", "key") is node
     assert table.add(FILE, "ns", "key") is node

@@ -130,7 +130,7 @@ def call_within(seconds: float, function: Any, *args: Any) -> Any:
     return result
 
 
-def test_fifo_is_no_item(tmp_path: Path) -> None:
+def test_fifo_not_an_item(tmp_path: Path) -> None:
     backend = PosixFS(tmp_path / "store")
     backend.create()
     with backend:
@@ -166,5 +166,5 @@ def test_symbolic_links_followed(tmp_path: Path) -> None:
         assert backend.info("ns/link").size == 9
         assert backend.load("ns/link") == b"the value"
         assert not backend.info("ns/dangling").exists
-        with pytest.raises(BackendError):  # listed as nothing, but asked for by name it is a broken store
+        with pytest.raises(BackendError):  # skipped in listings, but looked up by name a loop is a broken store
             backend.info("ns/loop")

@@ -50,7 +50,7 @@ def test_quick_call_blocks_without_yielding() -> None:
     assert seen == []
 
 
-def test_quick_call_yields_when_blocking_not_allowed() -> None:
+def test_quick_call_yields_unless_allowed() -> None:
     runner = StoreRunner(quick_wait_us=1_000_000)
     runner.may_block = lambda: False
 
@@ -110,7 +110,7 @@ def test_quick_call_error_propagates(seconds: float) -> None:
         trio.run(main)
 
 
-def test_quick_calls_near_wait_limit_all_return() -> None:
+def test_quick_calls_near_limit_return() -> None:
     # Calls that end about when the wait ends exercise both sides of the hand-over.
     runner = StoreRunner(quick_wait_us=200)
     runner.may_block = lambda: True

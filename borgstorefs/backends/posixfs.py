@@ -103,7 +103,7 @@ def create_temp_file(target: str) -> tuple[str, int]:
 
 
 _GONE_ERRNOS = frozenset({errno.ENOENT, errno.ELOOP})
-"""Errors of a stat that mean no item: the entry is gone, or a symbolic link leads nowhere."""
+"""Errors of a stat that mean no item, because the entry is gone or a symbolic link leads nowhere."""
 
 
 def open_value(name: str, path: str) -> tuple[int, os.stat_result]:
@@ -462,13 +462,13 @@ class PosixFS(Backend):
 
     @staticmethod
     def _stat_each(name: str, path: str, found: list[str]) -> Iterator[ItemInfo]:
-        # A mount lists whole namespaces, so the cost per entry is kept low: a stat
-        # relative to the open directory (no path walk), and `_make` (no argument parsing).
+        # A mount lists whole namespaces, so the cost per entry is kept low. Each stat is
+        # relative to the open directory (no path walk), and `_make` skips argument parsing.
         make = ItemInfo._make
         try:
             directory = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
-            return  # removed since it was read, and with it every entry
+            return  # the directory was removed since it was read, and every entry with it
         except OSError as error:
             raise backend_error_for(error, name) from error
         try:
@@ -509,12 +509,12 @@ class PosixFS(Backend):
         except OSError as err:
             if err.errno in (errno.ENOENT, errno.ENOTDIR):
                 return ItemInfo(base_name, False, 0, False)
-            raise backend_error_for(err, name) from err  # ELOOP too: a broken store, unlike a missing item
+            raise backend_error_for(err, name) from err  # ELOOP too: a link loop is a broken store
         if stat.S_ISREG(st.st_mode):
             return ItemInfo(base_name, True, st.st_size, False, st.st_mtime_ns)
         if stat.S_ISDIR(st.st_mode):
             return ItemInfo(base_name, True, 0, True, st.st_mtime_ns)
-        return ItemInfo(base_name, False, 0, False)  # a FIFO, socket or device is no item
+        return ItemInfo(base_name, False, 0, False)  # a FIFO, socket or device is not an item
 
     def load(self, name: str, *, size: int | None = None, offset: int = 0) -> bytes:
         self._check_open()
